@@ -1,0 +1,15 @@
+"""fmvae: the factorial mixture prior VAE of Paquet, Ghaisas and Tieleman.
+
+    fmvae.prior       the prior, q(xi), local step, SVI, sampling (fmvae.distributions: the families)
+    fmvae.nets        encoders and decoders of section 4
+    fmvae.model       FMVAE: the bound (4a)-(4e), (8), (11), IWAE, conditional samples
+    fmvae.train       pre-training, prior initialisation, joint training, checkpoints
+    fmvae.evaluate    test bound, accuracies
+    fmvae.data        data sets, downloads and the local mirror
+    fmvae.config      params.yaml schema and validation
+"""
+from .model import FMVAE
+from .prior import FactorialMixturePrior, Hyperprior
+
+__all__ = ["FMVAE", "FactorialMixturePrior", "Hyperprior"]
+__version__ = "0.1.0"

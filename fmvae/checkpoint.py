@@ -1,0 +1,129 @@
+"""Crash-safe files: atomic writes, checksummed checkpoints, provenance.
+
+Every file is written to a temporary name in the same folder, fsynced and renamed,
+so a reader sees either the old file or the whole new one. Checkpoints carry a
+sha256 sidecar; a checkpoint whose bytes do not match it is skipped with a warning
+and the previous one is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+class CorruptCheckpoint(RuntimeError):
+    pass
+
+
+def save_checked(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save atomically, then its sha256 sidecar (written last: a file without a
+    matching sidecar is never trusted)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    atomic_write_bytes(path, data)
+    atomic_write_text(f"{path}.sha256", hashlib.sha256(data).hexdigest() + "\n")
+
+
+def load_checked(path: str | os.PathLike, map_location="cpu") -> Any:
+    path = Path(path)
+    sidecar = Path(f"{path}.sha256")
+    if not path.exists():
+        raise FileNotFoundError(path)
+    data = path.read_bytes()
+    if not sidecar.exists() or sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
+        raise CorruptCheckpoint(f"{path}: checksum missing or does not match (truncated or corrupted file)")
+    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+
+
+class CheckpointDir:
+    """Numbered checkpoints `ckpt-<step>.pt` in one folder, newest `keep` kept."""
+
+    def __init__(self, folder: str | os.PathLike, keep: int = 2):
+        self.folder, self.keep = Path(folder), keep
+
+    def paths(self) -> list[Path]:
+        return sorted(self.folder.glob("ckpt-*.pt")) if self.folder.exists() else []
+
+    def save(self, state: dict, step: int) -> Path:
+        path = self.folder / f"ckpt-{step:09d}.pt"
+        save_checked(state, path)
+        for old in self.paths()[:-self.keep]:
+            old.unlink(missing_ok=True)
+            Path(f"{old}.sha256").unlink(missing_ok=True)
+        return path
+
+    def latest(self, map_location="cpu") -> dict | None:
+        """The newest checkpoint that loads and matches its checksum; warns about bad ones."""
+        for path in reversed(self.paths()):
+            try:
+                return load_checked(path, map_location)
+            except Exception as err:  # truncated zip, bad pickle, checksum mismatch
+                warnings.warn(f"skipping unusable checkpoint {path}: {err}", stacklevel=2)
+        return None
+
+    def clear(self) -> None:
+        for p in self.paths():
+            p.unlink(missing_ok=True)
+            Path(f"{p}.sha256").unlink(missing_ok=True)
+
+
+def git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def provenance(params: dict | None = None) -> dict:
+    """What produced a file: params, seed, package versions, git commit."""
+    import numpy
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        from importlib.metadata import version
+        versions["fmvae"] = version("fmvae")
+    except Exception:
+        pass
+    return {"params": params or {}, "seed": (params or {}).get("seed"), "versions": versions,
+            "git_commit": git_commit()}

@@ -1,0 +1,288 @@
+"""The three training phases of section 2.4 and the loop they share.
+
+    pretrain     theta, phi under a N(0, I) prior (optionally annealed KL)
+    init_prior   local step + SVI on q(xi) only, encoder fixed, after k-means++ seeding
+    joint_train  gamma (5) -> Adam on theta, phi (gamma detached) -> recompute gamma -> SVI
+
+The loop keeps data on the device, draws batches by index, and reads numbers
+back to the host only every `log_every` steps. It checkpoints at those moments
+(never in between, so a checkpoint always follows a finiteness check) at most
+every `checkpoint_every_s` seconds, and resumes from the newest good checkpoint
+whose fingerprint matches.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointDir
+from .model import FMVAE
+from .prior import robbins_monro
+
+
+@dataclass
+class TrainConfig:
+    iters: int
+    batch_size: int = 64
+    lr: float = 1e-4
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every_s: float = 300.0
+    kl_anneal_iters: int = 0          # pretrain: KL weight ramps 0 -> 1 over these iterations
+    tau0: float = 2000.0              # SVI step size (tau0 + t)^-kappa
+    kappa: float = 0.7
+    init_points: int = 10000          # encodings used for k-means++ seeding
+    delta: float = 0.0                # weight of the cross-entropy term in (8)
+    kl_z_weight: float = 1.0          # initial up-weighting of KL[z] (the paper's 20) ...
+    kl_z_anneal_iters: int = 0        # ... annealed linearly to 1 over these iterations
+    nan_policy: str = "stop"          # "stop": raise on a non-finite term; "skip": drop that batch
+    progress: bool = True
+
+
+class NumericalError(FloatingPointError):
+    def __init__(self, phase: str, step: int, term: str):
+        super().__init__(f"{phase}: non-finite {term} at step {step}; training stopped, "
+                         "the last checkpoint is the last good state")
+        self.phase, self.step, self.term = phase, step, term
+
+
+@dataclass
+class TrainData:
+    """Training set resident on one device: x in storage dtype, labels (N, I) long, -1 = unobserved."""
+    x: torch.Tensor
+    to_float: Callable[[torch.Tensor], torch.Tensor]
+    labels: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class Batcher:
+    """Mini-batches drawn with replacement by index on the data's device, from a seeded generator."""
+
+    def __init__(self, data: TrainData, batch_size: int, seed: int):
+        self.data, self.batch_size = data, batch_size
+        self.generator = torch.Generator(device=data.x.device).manual_seed(seed)
+
+    def __call__(self):
+        idx = torch.randint(len(self.data), (self.batch_size,), device=self.data.x.device, generator=self.generator)
+        labels = None if self.data.labels is None else self.data.labels[idx]
+        return self.data.to_float(self.data.x[idx]), labels
+
+
+def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher, optimizer,
+          ckpt: CheckpointDir | None, fingerprint: str, on_log=None, extra_state=None) -> list[dict]:
+    """Run step_fn(step, x, labels) -> {term: 0-d tensor} for cfg.iters steps with logging,
+    checks, checkpoints and resume. Returns the logged rows (the training curve)."""
+    start, history, skipped = 0, [], 0
+    state = ckpt.latest() if ckpt is not None else None
+    if state is not None and state.get("fingerprint") == fingerprint:
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        batcher.generator.set_state(state["batcher"])
+        torch.set_rng_state(state["torch_rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start, history, skipped = state["step"], state["history"], state.get("skipped", 0)
+        if extra_state is not None:
+            extra_state.load(state.get("extra"))
+        tqdm.write(f"{phase}: resuming from step {start}") if cfg.progress else None
+    elif state is not None:
+        tqdm.write(f"{phase}: ignoring checkpoints of different settings in {ckpt.folder}") if cfg.progress else None
+
+    def save(step):
+        if ckpt is None:
+            return
+        ckpt.save({"phase": phase, "fingerprint": fingerprint, "step": step, "history": history,
+                   "skipped": skipped, "model": model.state_dict(),
+                   "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                   "batcher": batcher.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                   "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                   "extra": extra_state.state() if extra_state is not None else None,
+                   "config": asdict(cfg)}, step)
+
+    kill_at = int(os.environ.get("FMVAE_KILL_AT_STEP", "-1"))  # fault injection for the crash tests
+    sums, first_bad, n, names = None, None, 0, None
+    last_save = time.monotonic()
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=phase, disable=not cfg.progress,
+               mininterval=1.0, dynamic_ncols=True)
+    t0 = time.monotonic()
+    for step in bar:
+        if step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        x, labels = batcher()
+        terms = step_fn(step, x, labels)
+        if terms is None:  # a skipped batch (nan_policy == "skip")
+            skipped += 1
+            continue
+        if names is None:
+            names = list(terms)
+        values = torch.stack([terms[k].float() for k in names])
+        bad_now = ~torch.isfinite(values)
+        if sums is None:
+            sums, first_bad = torch.zeros_like(values), torch.full(values.shape, -1, dtype=torch.long,
+                                                                   device=values.device)
+        first_bad = torch.where((first_bad < 0) & bad_now, torch.full_like(first_bad, step), first_bad)
+        sums, n = sums + values, n + 1
+        last = step + 1 == cfg.iters
+        if (step + 1) % cfg.log_every == 0 or last:
+            bad = first_bad.tolist()
+            for name, s in zip(names, bad):
+                if s >= 0:
+                    raise NumericalError(phase, s, name)
+            row = {"step": step + 1, **{k: v / n for k, v in zip(names, sums.tolist())}}
+            if skipped:
+                row["skipped_batches"] = skipped
+            history.append(row)
+            bar.set_postfix({k: f"{v:.2f}" for k, v in row.items() if k in ("elbo", "loss", "kl_z", "kl_r")})
+            if on_log is not None:
+                on_log(row)
+            sums, n = torch.zeros_like(sums), 0
+            if not last and time.monotonic() - last_save >= cfg.checkpoint_every_s:
+                save(step + 1)
+                last_save = time.monotonic()
+    save(cfg.iters)
+    bar.close()
+    if cfg.progress and history:
+        rate = (cfg.iters - start) / max(time.monotonic() - t0, 1e-9)
+        summary = ", ".join(f"{k}={v:.3f}" for k, v in history[-1].items() if k != "step")
+        print(f"{phase}: {cfg.iters} iterations ({rate:.1f} it/s): {summary}", flush=True)
+    return history
+
+
+def make_optimizer(params, lr: float):
+    fused = all(p.is_cuda for p in params)
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+
+
+def _skip_if_bad(cfg: TrainConfig, loss: torch.Tensor, optimizer) -> bool:
+    if cfg.nan_policy == "skip" and not torch.isfinite(loss):  # host sync only in this opt-in mode
+        optimizer.zero_grad(set_to_none=True)
+        return True
+    return False
+
+
+# ----------------------------------------------------------------- phase 1
+def pretrain(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
+             fingerprint: str = "", on_log=None) -> list[dict]:
+    """Fit theta, phi under a N(0, I) prior: maximise E_q[log p(x|z)] - w_t KL[q(z|x) || N(0, I)]."""
+    torch.manual_seed(cfg.seed)
+    opt = make_optimizer(model.network_parameters(), cfg.lr)
+
+    def step_fn(step, x, _):
+        recon, kl = model.vae_bound(x)
+        w = min(1.0, (step + 1) / cfg.kl_anneal_iters) if cfg.kl_anneal_iters else 1.0
+        loss = -(recon - w * kl).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if _skip_if_bad(cfg, loss, opt):
+            return None
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.network_parameters(), float("inf"))
+        opt.step()
+        return {"elbo": (recon - kl).mean().detach(), "recon": recon.mean().detach(), "kl": kl.mean().detach(),
+                "grad_norm": grad_norm}
+
+    return _loop("pretrain", model, step_fn, cfg, Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt,
+                 fingerprint, on_log)
+
+
+# ----------------------------------------------------------------- phase 2
+@torch.no_grad()
+def encode_all(model: FMVAE, data: TrainData, batch: int = 1000):
+    """Encoder means and variances of the whole training set (B, I, D) each."""
+    mus, vars_ = [], []
+    for start in range(0, len(data), batch):
+        mu, logvar = model.encode(data.to_float(data.x[start:start + batch]))
+        mus.append(mu)
+        vars_.append(logvar.exp())
+    return torch.cat(mus), torch.cat(vars_)
+
+
+def init_prior(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
+               fingerprint: str = "", on_log=None) -> list[dict]:
+    """Seed q(xi) by k-means++ on encodings, then run local step + SVI with the encoder fixed.
+
+    The encoder does not change in this phase, so the training set is encoded once
+    and batches are drawn from those encodings: the same updates at a fraction of the cost.
+    """
+    torch.manual_seed(cfg.seed)
+    prior, n_total = model.prior, len(data)
+    mu_all, var_all = encode_all(model, data)
+    gen = torch.Generator().manual_seed(cfg.seed)  # (a resumed run then overwrites q(xi) from its checkpoint)
+    pick = torch.randperm(n_total, generator=gen)[:cfg.init_points].to(mu_all.device)
+    prior.init_from_encodings(mu_all[pick], var_all[pick], n_total, gen)
+    encoded = TrainData(torch.cat((mu_all, var_all), dim=-1), lambda t: t, data.labels)
+
+    def step_fn(step, enc, labels):
+        mu, var = enc.chunk(2, dim=-1)
+        st = prior.local_step(mu, var, labels)
+        prior.svi_step(mu, var, st.gamma, n_total, robbins_monro(prior.svi_steps, cfg.tau0, cfg.kappa))
+        kl_z = prior.kl_z(var.log(), st).sum(-1).mean()
+        kl_r = prior.kl_r(st).sum(-1).mean()
+        return {"kl_z": kl_z, "kl_r": kl_r, "natural_params": _validity(prior)}
+
+    return _loop("prior_init", model, step_fn, cfg, Batcher(encoded, cfg.batch_size, cfg.seed), None, ckpt,
+                 fingerprint, on_log)
+
+
+def _validity(prior) -> torch.Tensor:
+    """0 when every s, a, b, c is positive and finite, NaN otherwise (so the loop's check names it)."""
+    return torch.where(prior.is_valid(), 0.0, float("nan"))
+
+
+# ----------------------------------------------------------------- phase 3
+def kl_z_weight(step: int, cfg: TrainConfig) -> float:
+    if not cfg.kl_z_anneal_iters:
+        return cfg.kl_z_weight
+    return 1.0 + (cfg.kl_z_weight - 1.0) * max(0.0, 1.0 - step / cfg.kl_z_anneal_iters)
+
+
+def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
+                fingerprint: str = "", on_log=None, gradient_factors=()) -> list[dict]:
+    """Joint optimisation of theta, phi and q(xi) (2.4), with the semi-supervised term (8).
+
+    With delta > 0 the `gradient_factors` (those with labels) leave SVI and move by
+    Adam on log-mean parameters, as section 2.5 prescribes.
+    """
+    torch.manual_seed(cfg.seed)
+    prior, n_total = model.prior, len(data)
+    if cfg.delta > 0 and gradient_factors:
+        prior.use_gradient_factors(gradient_factors)
+    params = model.network_parameters() + (prior.gradient_parameters() if prior.has_gradient_factors else [])
+    opt = make_optimizer(params, cfg.lr)
+
+    def step_fn(step, x, labels):
+        terms = model.bound(x, labels)
+        kl_z, kl_r = terms.kl_z.sum(-1), terms.kl_r.sum(-1)
+        loss = -(terms.recon - kl_z_weight(step, cfg) * kl_z - kl_r).mean() + cfg.delta * terms.ce.mean()
+        global_kl = prior.global_kl() / n_total
+        if prior.has_gradient_factors:  # (4d)-(4e) only have gradients for the gradient factors
+            loss = loss + global_kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if _skip_if_bad(cfg, loss, opt):
+            return None
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        opt.step()
+        with torch.no_grad():  # recompute gamma under the new phi, then the natural-gradient step
+            mu, logvar = model.encode(x)
+            var = logvar.exp()
+            st = prior.local_step(mu, var, labels)
+            prior.svi_step(mu, var, st.gamma, n_total, robbins_monro(prior.svi_steps, cfg.tau0, cfg.kappa))
+        elbo = (terms.recon - kl_z - kl_r).mean() - global_kl
+        return {"elbo": elbo.detach(), "recon": terms.recon.mean().detach(), "kl_z": kl_z.mean().detach(),
+                "kl_r": kl_r.mean().detach(), "ce": terms.ce.mean().detach(), "grad_norm": grad_norm,
+                "natural_params": _validity(prior)}
+
+    history = _loop("joint", model, step_fn, cfg, Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt,
+                    fingerprint, on_log)
+    prior.sync_gradient_factors()
+    return history

@@ -1,0 +1,131 @@
+"""Local step, clamping, SVI and sampling of the factorial prior."""
+import math
+
+import pytest
+import torch
+
+from fmvae.distributions import normal_gamma as ng
+from fmvae.prior import FactorialMixturePrior, Hyperprior, ng_batch_optimum, robbins_monro
+
+
+def concentrated_prior(means, precisions, weights, conc=1e8):
+    """A one-factor prior whose q(xi) is a near-point mass at the given GMM (I=1, D=1)."""
+    prior = FactorialMixturePrior([len(means)], 1)
+    m = torch.tensor(means, dtype=torch.float64)[None, :, None]
+    s = torch.full_like(m, conc)
+    a = torch.full_like(m, conc)
+    b = a / torch.tensor(precisions, dtype=torch.float64)[None, :, None]
+    prior.lam.copy_(ng.natural_from_mean(m, s, a, b))
+    prior.c.copy_(conc * torch.tensor(weights, dtype=torch.float64)[None])
+    return prior
+
+
+def test_responsibilities_are_the_exact_posterior_over_k():
+    """A GMM pi = (0.3, 0.7), means (-1, 2), precisions (1, 4); z observed exactly (var -> 0)."""
+    prior = concentrated_prior([-1.0, 2.0], [1.0, 4.0], [0.3, 0.7])
+    z = torch.tensor([[-1.0], [0.5], [1.2], [3.0]])
+    step = prior.local_step(z[:, None, :], torch.full((4, 1, 1), 1e-12))
+    lik = torch.stack([0.3 * torch.exp(-0.5 * (z[:, 0] + 1) ** 2) * 1.0,
+                       0.7 * torch.exp(-0.5 * 4 * (z[:, 0] - 2) ** 2) * 2.0], -1)  # pi_k sqrt(alpha_k) exp(..)
+    exact = lik / lik.sum(-1, keepdim=True)
+    assert torch.allclose(step.gamma[:, 0], exact, atol=1e-5)
+
+
+def test_clamping_and_missing_labels():
+    prior = FactorialMixturePrior([2, 3], 2)
+    torch.manual_seed(0)
+    prior.init_from_encodings(torch.randn(50, 2, 2), torch.ones(50, 2, 2) * 0.1, 50)
+    mu, var = torch.randn(4, 2, 2), torch.rand(4, 2, 2)
+    labels = torch.tensor([[1, -1], [-1, 2], [-1, -1], [0, 0]])
+    free = prior.local_step(mu, var).gamma
+    clamped = prior.local_step(mu, var, labels).gamma
+    assert torch.equal(clamped[0, 0], torch.tensor([0.0, 1.0, 0.0]))
+    assert torch.equal(clamped[1, 1], torch.tensor([0.0, 0.0, 1.0]))
+    assert torch.equal(clamped[3], torch.tensor([[1.0, 0, 0], [1.0, 0, 0]]))
+    assert torch.equal(clamped[0, 1], free[0, 1]) and torch.equal(clamped[2], free[2])  # unobserved: (5)
+    assert (free[:, 0, 2] == 0).all(), "factor 0 has K=2: the padded component gets no mass"
+    assert torch.allclose(free.sum(-1), torch.ones(4, 2))
+    # clamped KL[r] is -E[log pi_y]; unclamped it is the usual entropy form
+    st = prior.local_step(mu, var, labels)
+    assert torch.allclose(prior.kl_r(st)[0, 0], -st.log_pi[0, 1])
+
+
+def test_svi_step_with_rho_one_on_full_data_is_the_conjugate_posterior():
+    torch.manual_seed(1)
+    prior = FactorialMixturePrior([3, 2], 2, Hyperprior())
+    mu, var = torch.randn(20, 2, 2), torch.rand(20, 2, 2)
+    gamma = torch.softmax(torch.randn(20, 2, 3), -1)
+    gamma[:, 1, 2] = 0
+    gamma[:, 1] /= gamma[:, 1].sum(-1, keepdim=True)
+    prior.svi_step(mu, var, gamma, n_total=20, rho=1.0)
+    m, s, a, b, c = prior.mean_params()
+    h = prior.hyper
+    for i, k in enumerate(prior.K):
+        ref = ng_batch_optimum(mu[:, i].double(), var[:, i].double(), gamma[:, i, :k].double(), 20,
+                               h.m0, h.s0, h.a0, h.b0)
+        for got, want in zip((m, s, a, b), ref):
+            assert torch.allclose(got[i, :k], want, rtol=1e-9)
+        assert torch.allclose(c[i, :k], h.c0 + gamma[:, i, :k].double().sum(0))
+
+
+def test_svi_step_is_a_convex_combination_in_natural_parameters():
+    torch.manual_seed(2)
+    prior = FactorialMixturePrior([2], 3)
+    prior.init_from_encodings(torch.randn(40, 1, 3) * 3, torch.full((40, 1, 3), 0.1), 1000)
+    lam_old, c_old = prior.lam.clone(), prior.c.clone()
+    m_old = ng.mean_from_natural(lam_old)
+    mu, var = torch.randn(10, 1, 3) + 5, torch.rand(10, 1, 3)
+    gamma = torch.softmax(torch.randn(10, 1, 2), -1)
+    lam_star = ng.natural_batch_optimum(*ng.sufficient_statistics(
+        mu.transpose(0, 1).double(), var.transpose(0, 1).double(), gamma.transpose(0, 1).double(), 1000),
+        0.0, 1.0, 0.01, 0.01)
+    rho = 0.3
+    prior.svi_step(mu, var, gamma, 1000, rho)
+    assert torch.allclose(prior.lam, (1 - rho) * lam_old + rho * lam_star)
+    assert torch.allclose(prior.c, (1 - rho) * c_old + rho * (1.0 + 1000 / 10 * gamma[:, 0].double().sum(0)))
+    # ... which is not the convex combination of mean parameters:
+    mean_mix = [(1 - rho) * o + rho * n for o, n in zip(m_old, ng.mean_from_natural(lam_star))]
+    assert not torch.allclose(ng.mean_from_natural(prior.lam)[0], mean_mix[0], rtol=1e-3)
+    assert prior.svi_steps.item() == 1
+
+
+def test_robbins_monro_schedule():
+    assert robbins_monro(0, 2000.0, 0.7) == pytest.approx(2000 ** -0.7)
+    assert robbins_monro(100, 1.0, 1.0) == pytest.approx(1 / 101)
+
+
+def test_conditional_samples_follow_the_clamped_component_student_t():
+    prior = concentrated_prior([-5.0, 5.0], [4.0, 4.0], [0.5, 0.5])
+    torch.manual_seed(3)
+    z, k = prior.sample(4000, torch.full((4000, 1), 1))
+    assert (k == 1).all()
+    assert abs(z.mean() - 5.0) < 0.05 and abs(z.std() - 0.5) < 0.03
+    z, k = prior.sample(4000)
+    assert 0.45 < (k == 1).float().mean() < 0.55
+    with pytest.raises(ValueError):
+        prior.sample(2, torch.tensor([[2], [0]]))
+
+
+def test_log_predictive_integrates_to_one():
+    prior = concentrated_prior([-1.0, 2.0], [1.0, 4.0], [0.3, 0.7], conc=5.0)
+    grid = torch.linspace(-40, 40, 80001)[:, None, None]
+    density = prior.log_predictive(grid).exp()
+    assert abs(torch.trapezoid(density, dx=80 / 80000).item() - 1.0) < 1e-3
+
+
+def test_gradient_factors_move_by_gradient_and_others_by_svi():
+    torch.manual_seed(4)
+    prior = FactorialMixturePrior([2, 2], 1)
+    prior.init_from_encodings(torch.randn(30, 2, 1), torch.full((30, 2, 1), 0.1), 30)
+    before = [t.clone() for t in prior.mean_params()]
+    prior.use_gradient_factors([0])
+    for got, want in zip(prior.mean_params(), before):  # switching changes nothing by itself
+        assert torch.allclose(got, want)
+    mu, var = torch.randn(8, 2, 1), torch.rand(8, 2, 1)
+    st = prior.local_step(mu, var, torch.tensor([[0, -1]] * 8))
+    prior.cross_entropy(st, torch.tensor([[0, -1]] * 8)).sum().backward()
+    assert prior.grad_m.grad[0].abs().sum() > 0 and prior.grad_m.grad[1].abs().sum() == 0
+    lam_before = prior.lam.clone()
+    prior.svi_step(mu, var, st.gamma, 30, 0.5)
+    assert torch.equal(prior.lam[:, 0], lam_before[:, 0]), "gradient factor must not take the SVI step"
+    assert not torch.allclose(prior.lam[:, 1], lam_before[:, 1]), "SVI factor must take it"
