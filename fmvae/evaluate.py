@@ -9,7 +9,7 @@ from .model import FMVAE
 
 
 @torch.no_grad()
-def test_bound(model: FMVAE, x: torch.Tensor, to_float, batch: int = 1000, samples: int = 1) -> dict:
+def evaluate_bound(model: FMVAE, x: torch.Tensor, to_float, batch: int = 1000, samples: int = 1) -> dict:
     """Mean of (11) and its parts over x (gamma from (5), nothing clamped), plus per-point
     argmax_k q(r_i|x) as `assignments` (N, I) and per-factor KLs."""
     model.eval()
