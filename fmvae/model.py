@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .nets import make_networks
-from .prior import FactorialMixturePrior, Hyperprior, LocalStep
+from .prior import FactorialMixturePrior, Hyperprior, LocalStep, PriorStats
 
 
 @dataclass
@@ -64,13 +64,18 @@ class FMVAE(nn.Module):
         for _ in range(samples):
             z = mu + std * torch.randn_like(std)
             total = total + _full_precision(self.decoder.log_prob(x, z))
-        return total / samples
+        return total / samples if samples > 1 else total
 
-    def bound(self, x: Tensor, labels: Tensor | None = None, samples: int = 1) -> BoundTerms:
+    def bound(self, x: Tensor, labels: Tensor | None = None, samples: int = 1,
+              stats: PriorStats | None = None) -> BoundTerms:
         """All per-point terms with gamma from (5), clamped where labels >= 0."""
         mu, logvar = self.encode(x)
+        return self.bound_from_encodings(x, mu, logvar, labels, samples, stats)
+
+    def bound_from_encodings(self, x: Tensor, mu: Tensor, logvar: Tensor, labels: Tensor | None = None,
+                             samples: int = 1, stats: PriorStats | None = None) -> BoundTerms:
         var = logvar.exp()
-        step = self.prior.local_step(mu, var, labels)
+        step = self.prior.local_step(mu, var, labels, stats)
         recon = self.reconstruction(x, mu, logvar, samples)
         ce = self.prior.cross_entropy(step, labels) if labels is not None else torch.zeros_like(recon)
         return BoundTerms(recon, self.prior.kl_z(logvar, step), self.prior.kl_r(step), ce, step, mu, var)

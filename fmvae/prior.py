@@ -29,7 +29,7 @@ from .distributions.normal_gamma import (  # re-exported: the stable math API
 )
 
 __all__ = [
-    "FactorialMixturePrior", "Hyperprior", "LocalStep", "robbins_monro", "kl_normal_gamma",
+    "FactorialMixturePrior", "Hyperprior", "LocalStep", "PriorStats", "robbins_monro", "kl_normal_gamma",
     "expected_log_normal", "ng_batch_optimum", "student_t_params", "kl_dirichlet", "expected_log_pi",
     "neg_entropy_gaussian", "kmeans_plus_plus",
 ]
@@ -43,6 +43,13 @@ class Hyperprior:
     a0: float = 0.01
     b0: float = 0.01
     c0: float = 1.0
+
+
+class PriorStats(NamedTuple):
+    """What the local step needs from q(xi), computed once per step (float32, see ng.ell_weights)."""
+    const: Tensor    # (I, K)
+    weights: Tensor  # (I, K, 2D)
+    log_pi: Tensor   # (I, K), -inf on padded components
 
 
 class LocalStep(NamedTuple):
@@ -118,6 +125,11 @@ class FactorialMixturePrior(nn.Module):
         self.grad_m = nn.Parameter(torch.zeros(shape, dtype=f64))
         self.grad_log_sab = nn.Parameter(torch.zeros((3,) + shape, dtype=f64))
         self.grad_log_c = nn.Parameter(torch.zeros(self.I, k_max, dtype=f64))
+        self._has_gradient_factors = False  # host copy of gradient_factors.any(): no device sync per step
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh_mode())
+
+    def _refresh_mode(self) -> None:
+        self._has_gradient_factors = bool(self.gradient_factors.any())
 
     # ------------------------------------------------------------------ state
     def use_gradient_factors(self, factors: Sequence[int]) -> None:
@@ -130,13 +142,14 @@ class FactorialMixturePrior(nn.Module):
             self.grad_log_sab.copy_(torch.stack((s, a, b)).log())
             self.grad_log_c.copy_(self.c.log())
             self.gradient_factors.copy_(chosen)
+        self._refresh_mode()
 
     def gradient_parameters(self) -> list[nn.Parameter]:
         return [self.grad_m, self.grad_log_sab, self.grad_log_c]
 
     @property
     def has_gradient_factors(self) -> bool:
-        return bool(self.gradient_factors.any())
+        return self._has_gradient_factors
 
     def mean_params(self):
         """(m, s, a, b) of shape (I, K, D) and c of shape (I, K), float64."""
@@ -160,27 +173,45 @@ class FactorialMixturePrior(nn.Module):
             self.c.copy_(c)
 
     def is_valid(self) -> Tensor:
-        """Device bool: all s, a, b, c of real components positive and finite (no host sync)."""
-        m, s, a, b, c = self.mean_params()
-        msk = self.mask[..., None]
-        ok = torch.stack([((v > 0) & v.isfinite()) | ~msk for v in (s, a, b)]).all()
-        return ok & (m.isfinite() | ~msk).all() & (((c > 0) & c.isfinite()) | ~self.mask).all()
+        """Device bool: s, a, b, c of every real component positive and finite (no host sync).
+
+        Read straight off the natural parameters: s = -2 lam4, a = lam1 + 1/2,
+        b = -lam2 + lam3^2 / (4 lam4).
+        """
+        lam = self.lam
+        b = -lam[1] + lam[2] * lam[2] / (4 * lam[3])
+        ok = (lam[3] < 0) & (lam[0] > -0.5) & (b > 0) & lam.isfinite().all(0)
+        ok = (ok | ~self.mask[..., None]).all() & ((self.c > 0) | ~self.mask).all()
+        if self.has_gradient_factors:
+            ok = ok & torch.stack([p.isfinite().all() for p in self.gradient_parameters()]).all()
+        return ok
 
     # ------------------------------------------------------------ local step
-    def local_step(self, mu: Tensor, var: Tensor, labels: Tensor | None = None) -> LocalStep:
+    def stats(self, dtype=torch.float32) -> PriorStats:
+        """Expected statistics of q(xi) for the local step; differentiable for gradient factors."""
+        m, s, a, b, c = self.mean_params()
+        const, weights = ng.ell_weights(m, s, a, b)
+        return PriorStats(const.to(dtype), weights.to(dtype), expected_log_pi(c, self.mask).to(dtype))
+
+    def local_step(self, mu: Tensor, var: Tensor, labels: Tensor | None = None,
+                   stats: PriorStats | None = None) -> LocalStep:
         """Expected log-likelihoods (6) and responsibilities (5) for every factor.
 
         mu, var: (B, I, D) from the encoder. labels: (B, I) long, -1 where a
         property is not observed; observed ones clamp gamma to one-hot (2.5).
+        Runs in float32 even under autocast: bf16 would ruin (6)'s expanded quadratic.
         """
-        m, s, a, b, c = (p.to(mu.dtype) for p in self.mean_params())
-        ell = expected_log_normal(mu.transpose(0, 1), var.transpose(0, 1), m, s, a, b).transpose(0, 1)
-        log_pi = expected_log_pi(c, self.mask)
-        logits = ell + log_pi
-        gamma = torch.softmax(logits.detach(), dim=-1)
-        if labels is not None:
-            gamma = self.clamp(gamma, labels)
-        return LocalStep(ell, log_pi, logits, gamma)
+        with torch.autocast(mu.device.type, enabled=False):
+            dtype = torch.promote_types(mu.dtype, torch.float32)
+            mu, var = mu.to(dtype), var.to(dtype)
+            stats = self.stats(dtype) if stats is None else stats
+            features = ng.ell_features(mu, var).transpose(0, 1)  # (I, B, 2D)
+            ell = (stats.const[:, None, :] + features @ stats.weights.transpose(-1, -2)).transpose(0, 1)
+            logits = ell + stats.log_pi
+            gamma = torch.softmax(logits.detach(), dim=-1)
+            if labels is not None:
+                gamma = self.clamp(gamma, labels)
+        return LocalStep(ell, stats.log_pi, logits, gamma)
 
     def clamp(self, gamma: Tensor, labels: Tensor) -> Tensor:
         """gamma_i = y_i for observed properties (labels >= 0); unchanged where labels == -1."""
@@ -223,8 +254,8 @@ class FactorialMixturePrior(nn.Module):
         """
         h = self.hyper
         f64 = torch.float64
-        n_k, s1, s2 = ng.sufficient_statistics(
-            mu.transpose(0, 1).to(f64), var.transpose(0, 1).to(f64), gamma.transpose(0, 1).to(f64), n_total)
+        n_k, s1, s2 = (t.to(f64) for t in ng.sufficient_statistics(
+            *(t.transpose(0, 1).to(torch.promote_types(mu.dtype, torch.float32)) for t in (mu, var, gamma)), n_total))
         lam_star = ng.natural_batch_optimum(n_k, s1, s2, h.m0, h.s0, h.a0, h.b0)
         c_star = h.c0 + n_k
         rho = torch.as_tensor(rho, dtype=f64, device=self.lam.device)

@@ -43,6 +43,8 @@ class TrainConfig:
     kl_z_weight: float = 1.0          # initial up-weighting of KL[z] (the paper's 20) ...
     kl_z_anneal_iters: int = 0        # ... annealed linearly to 1 over these iterations
     nan_policy: str = "stop"          # "stop": raise on a non-finite term; "skip": drop that batch
+    amp: bool = False                 # bf16 autocast for the networks (the prior's math stays float32)
+    order: str = "fused"              # joint step: "paper" (Adam, re-encode, SVI) or "fused" (SVI, Adam); see joint_step
     progress: bool = True
 
 
@@ -78,9 +80,10 @@ class Batcher:
 
 
 def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher, optimizer,
-          ckpt: CheckpointDir | None, fingerprint: str, on_log=None, extra_state=None) -> list[dict]:
+          ckpt: CheckpointDir | None, fingerprint: str, on_log=None, extra_state=None, log_extras=None) -> list[dict]:
     """Run step_fn(step, x, labels) -> {term: 0-d tensor} for cfg.iters steps with logging,
-    checks, checkpoints and resume. Returns the logged rows (the training curve)."""
+    checks, checkpoints and resume. log_extras(row) adds terms computed once per log interval.
+    Returns the logged rows (the training curve)."""
     start, history, skipped = 0, [], 0
     state = ckpt.latest() if ckpt is not None else None
     if state is not None and state.get("fingerprint") == fingerprint:
@@ -139,6 +142,8 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
                 if s >= 0:
                     raise NumericalError(phase, s, name)
             row = {"step": step + 1, **{k: v / n for k, v in zip(names, sums.tolist())}}
+            if log_extras is not None:
+                log_extras(row)
             if skipped:
                 row["skipped_batches"] = skipped
             history.append(row)
@@ -170,28 +175,39 @@ def _skip_if_bad(cfg: TrainConfig, loss: torch.Tensor, optimizer) -> bool:
     return False
 
 
+def _autocast(x: torch.Tensor, cfg: TrainConfig):
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+
+
 # ----------------------------------------------------------------- phase 1
-def pretrain(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
-             fingerprint: str = "", on_log=None) -> list[dict]:
-    """Fit theta, phi under a N(0, I) prior: maximise E_q[log p(x|z)] - w_t KL[q(z|x) || N(0, I)]."""
-    torch.manual_seed(cfg.seed)
-    opt = make_optimizer(model.network_parameters(), cfg.lr)
+def pretrain_step(model: FMVAE, opt, cfg: TrainConfig):
+    """One step of E_q[log p(x|z)] - w_t KL[q(z|x) || N(0, I)] ascent (also the benchmark's plain VAE step)."""
+    params = model.network_parameters()
 
     def step_fn(step, x, _):
-        recon, kl = model.vae_bound(x)
+        with _autocast(x, cfg):
+            recon, kl = model.vae_bound(x)
         w = min(1.0, (step + 1) / cfg.kl_anneal_iters) if cfg.kl_anneal_iters else 1.0
         loss = -(recon - w * kl).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if _skip_if_bad(cfg, loss, opt):
             return None
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.network_parameters(), float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
         return {"elbo": (recon - kl).mean().detach(), "recon": recon.mean().detach(), "kl": kl.mean().detach(),
                 "grad_norm": grad_norm}
 
-    return _loop("pretrain", model, step_fn, cfg, Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt,
-                 fingerprint, on_log)
+    return step_fn
+
+
+def pretrain(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
+             fingerprint: str = "", on_log=None) -> list[dict]:
+    """Fit theta, phi under a N(0, I) prior, the KL weight ramped 0 -> 1 over cfg.kl_anneal_iters."""
+    torch.manual_seed(cfg.seed)
+    opt = make_optimizer(model.network_parameters(), cfg.lr)
+    return _loop("pretrain", model, pretrain_step(model, opt, cfg), cfg, Batcher(data, cfg.batch_size, cfg.seed),
+                 opt, ckpt, fingerprint, on_log)
 
 
 # ----------------------------------------------------------------- phase 2
@@ -245,12 +261,74 @@ def kl_z_weight(step: int, cfg: TrainConfig) -> float:
     return 1.0 + (cfg.kl_z_weight - 1.0) * max(0.0, 1.0 - step / cfg.kl_z_anneal_iters)
 
 
+def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
+    """One joint iteration (2.4), in one of two orders of the same block-coordinate ascent.
+
+    "paper":  gamma (5) -> Adam on theta, phi (gamma detached) -> re-encode the batch under the
+              new phi, recompute gamma -> SVI step on q(xi).
+    "fused":  encode -> gamma -> SVI step on q(xi) -> recompute gamma under the new q(xi) from the
+              same encodings -> Adam on theta, phi.
+    Each block is updated with the freshest value of the other in both; "fused" is "paper" with
+    the SVI step taking the next (i.i.d.) batch, encoded under the same phi the paper would use,
+    and it saves one encoder pass per iteration. The Adam step includes the cross-entropy (8)
+    and, for gradient factors, their prior parameters.
+    """
+    prior = model.prior
+    rho = lambda: robbins_monro(prior.svi_steps, cfg.tau0, cfg.kappa)
+
+    def svi(mu, var, labels, stats=None):
+        with torch.no_grad():
+            st = prior.local_step(mu.detach(), var.detach(), labels, stats)
+            prior.svi_step(mu.detach(), var.detach(), st.gamma, n_total, rho())
+
+    def adam(x, labels, step, terms):
+        kl_z, kl_r = terms.kl_z.sum(-1), terms.kl_r.sum(-1)
+        loss = -(terms.recon - kl_z_weight(step, cfg) * kl_z - kl_r).mean() + cfg.delta * terms.ce.mean()
+        if prior.has_gradient_factors:  # (4d)-(4e) only have gradients for the gradient factors
+            loss = loss + prior.global_kl() / n_total
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if _skip_if_bad(cfg, loss, opt):
+            return None
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        opt.step()
+        return {"bound": (terms.recon - kl_z - kl_r).mean().detach(), "recon": terms.recon.mean().detach(),
+                "kl_z": kl_z.mean().detach(), "kl_r": kl_r.mean().detach(), "ce": terms.ce.mean().detach(),
+                "grad_norm": grad_norm}
+
+    def paper(step, x, labels):
+        stats = prior.stats()  # lambda changes only in the SVI step, after its last use
+        with _autocast(x, cfg):
+            terms = model.bound(x, labels, stats=stats)
+        out = adam(x, labels, step, terms)
+        if out is None:
+            return None
+        with torch.no_grad(), _autocast(x, cfg):
+            mu, logvar = model.encode(x)
+        svi(mu, logvar.exp(), labels, None if prior.has_gradient_factors else stats)
+        return out | {"natural_params": _validity(prior)}
+
+    def fused(step, x, labels):
+        with _autocast(x, cfg):
+            mu, logvar = model.encode(x)
+            var = logvar.exp()
+            svi(mu, var, labels)
+            terms = model.bound_from_encodings(x, mu, logvar, labels)
+        out = adam(x, labels, step, terms)
+        return None if out is None else out | {"natural_params": _validity(prior)}
+
+    if cfg.order not in ("paper", "fused"):
+        raise ValueError(f"joint.order: {cfg.order!r}, choose paper or fused")
+    return paper if cfg.order == "paper" else fused
+
+
 def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
                 fingerprint: str = "", on_log=None, gradient_factors=()) -> list[dict]:
     """Joint optimisation of theta, phi and q(xi) (2.4), with the semi-supervised term (8).
 
     With delta > 0 the `gradient_factors` (those with labels) leave SVI and move by
-    Adam on log-mean parameters, as section 2.5 prescribes.
+    Adam on log-mean parameters, as section 2.5 prescribes. The logged `elbo` is the
+    training bound per point: `bound` (4a)-(4c) minus the global terms (4d)-(4e) / N.
     """
     torch.manual_seed(cfg.seed)
     prior, n_total = model.prior, len(data)
@@ -259,30 +337,12 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     params = model.network_parameters() + (prior.gradient_parameters() if prior.has_gradient_factors else [])
     opt = make_optimizer(params, cfg.lr)
 
-    def step_fn(step, x, labels):
-        terms = model.bound(x, labels)
-        kl_z, kl_r = terms.kl_z.sum(-1), terms.kl_r.sum(-1)
-        loss = -(terms.recon - kl_z_weight(step, cfg) * kl_z - kl_r).mean() + cfg.delta * terms.ce.mean()
-        global_kl = prior.global_kl() / n_total
-        if prior.has_gradient_factors:  # (4d)-(4e) only have gradients for the gradient factors
-            loss = loss + global_kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if _skip_if_bad(cfg, loss, opt):
-            return None
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-        opt.step()
-        with torch.no_grad():  # recompute gamma under the new phi, then the natural-gradient step
-            mu, logvar = model.encode(x)
-            var = logvar.exp()
-            st = prior.local_step(mu, var, labels)
-            prior.svi_step(mu, var, st.gamma, n_total, robbins_monro(prior.svi_steps, cfg.tau0, cfg.kappa))
-        elbo = (terms.recon - kl_z - kl_r).mean() - global_kl
-        return {"elbo": elbo.detach(), "recon": terms.recon.mean().detach(), "kl_z": kl_z.mean().detach(),
-                "kl_r": kl_r.mean().detach(), "ce": terms.ce.mean().detach(), "grad_norm": grad_norm,
-                "natural_params": _validity(prior)}
+    def log_extras(row):
+        with torch.no_grad():
+            row["global_kl"] = prior.global_kl().item() / n_total
+        row["elbo"] = row["bound"] - row["global_kl"]
 
-    history = _loop("joint", model, step_fn, cfg, Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt,
-                    fingerprint, on_log)
+    history = _loop("joint", model, joint_step(model, opt, cfg, n_total, params), cfg,
+                    Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt, fingerprint, on_log, log_extras=log_extras)
     prior.sync_gradient_factors()
     return history

@@ -51,17 +51,29 @@ def expected_alpha_mu2(m: Tensor, s: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return 1.0 / s + m * m * a / b
 
 
+def ell_weights(m: Tensor, s: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(6) as an affine map of the features [mu^2 + var, mu]: returns (const (..., K), W (..., K, 2D)).
+
+    ell_k = const_k + [mu^2 + var, mu] . W_k, with
+    const_k = 1/2 sum_d (E[log alpha] - log 2 pi - 1/s - E[alpha] m^2) and W_k = [-E[alpha]/2, E[alpha] m].
+    The quadratic (mu - m)^2 is expanded so that a batch costs one (B x 2D) @ (2D x K) product.
+    """
+    e_alpha = a / b
+    const = 0.5 * (expected_log_alpha(a, b) - LOG_2PI - 1.0 / s - e_alpha * m * m).sum(-1)
+    return const, torch.cat((-0.5 * e_alpha, e_alpha * m), dim=-1)
+
+
+def ell_features(mu: Tensor, var: Tensor) -> Tensor:
+    return torch.cat((mu * mu + var, mu), dim=-1)
+
+
 def expected_log_normal(mu: Tensor, var: Tensor, m: Tensor, s: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """ell_k of (6): E_{N(z; mu, var) q(mu_k, alpha_k)}[log N(z; mu_k, 1/alpha_k)].
 
     mu, var: (..., B, D); m, s, a, b: (..., K, D). Returns (..., B, K).
-    The quadratic (mu - m)^2 is expanded into three matrix products so that the
-    cost is that of a (B x D) @ (D x K) matmul, not a (B, K, D) tensor.
     """
-    e_alpha = a / b
-    per_component = 0.5 * (expected_log_alpha(a, b) - LOG_2PI - 1.0 / s - e_alpha * m * m).sum(-1)
-    quadratic = (mu * mu + var) @ e_alpha.transpose(-1, -2) - 2.0 * mu @ (e_alpha * m).transpose(-1, -2)
-    return per_component.unsqueeze(-2) - 0.5 * quadratic
+    const, weights = ell_weights(m, s, a, b)
+    return const.unsqueeze(-2) + ell_features(mu, var) @ weights.transpose(-1, -2)
 
 
 # ---------------------------------------------------------------------------
@@ -91,13 +103,13 @@ def sufficient_statistics(mu: Tensor, var: Tensor, gamma: Tensor, n_total: float
     """Batch statistics scaled to the data set, w = N/|B|: (Nk, S1, S2).
 
     mu, var: (..., B, D); gamma: (..., B, K). Nk: (..., K); S1, S2: (..., K, D).
+    Computed in the inputs' precision (sums of a batch); callers combine them with
+    the natural parameters in float64.
     """
     w = n_total / mu.shape[-2]
-    gamma_t = gamma.transpose(-1, -2)
-    n_k = w * gamma.sum(-2)
-    s1 = w * (gamma_t @ mu)
-    s2 = w * (gamma_t @ (mu * mu + var))
-    return n_k, s1, s2
+    s2_s1 = w * (gamma.transpose(-1, -2) @ ell_features(mu, var))
+    s2, s1 = s2_s1.chunk(2, dim=-1)
+    return w * gamma.sum(-2), s1, s2
 
 
 def natural_batch_optimum(n_k: Tensor, s1: Tensor, s2: Tensor, m0, s0, a0, b0) -> Tensor:

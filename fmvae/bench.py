@@ -1,0 +1,161 @@
+"""Benchmark: `python -m fmvae.bench [--device auto] [--tiny] [--out reports/bench.json]`.
+
+Measures, side by side in one run (plain and joint blocks interleaved, warm-up
+excluded, median of the repeats):
+  - iterations/s of a plain VAE step (same networks, N(0, I) prior) and of the joint
+    FM-VAE step (local step, Adam step, recompute, SVI step), and their time ratio;
+    28x28 model at I = 1, D = 64, K in {2, 64, 512}; CelebA-shaped model at I = 5,
+    D = 64, K = (2, 2, 2, 64, 64) with the semi-supervised term on;
+  - evaluation throughput of the bound (11) and of the importance-weighted estimate;
+  - peak memory (GPU on CUDA, resident set otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .evaluate import evaluate_bound, importance_weighted_log_likelihood
+from .model import FMVAE
+from .train import Batcher, TrainConfig, TrainData, joint_step, make_optimizer, pretrain_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _pool(kind: str, n: int, device) -> tuple[torch.Tensor, callable]:
+    g = torch.Generator().manual_seed(0)
+    if kind == "binary":
+        return (torch.rand(n, 1, 28, 28, generator=g) < 0.13).to(torch.uint8).to(device), lambda t: t.float()
+    return torch.randint(0, 256, (n, 3, 64, 64), generator=g, dtype=torch.uint8).to(device), lambda t: t.float() / 127.5 - 1
+
+
+def _models(arch, x_shape, K, D, device, delta, x, to_float, labels, cfg, n_total):
+    torch.manual_seed(0)
+    plain = FMVAE(arch, x_shape, K, D).to(device)
+    joint = FMVAE(arch, x_shape, K, D).to(device)
+    joint.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        mu, logvar = joint.encode(to_float(x[:2048]))
+    joint.prior.init_from_encodings(mu, logvar.exp(), n_total, torch.Generator().manual_seed(0))
+    gradient = list(range(3)) if delta > 0 else []
+    if gradient:
+        joint.prior.use_gradient_factors(gradient)
+    p_opt = make_optimizer(plain.network_parameters(), cfg.lr)
+    j_params = joint.network_parameters() + (joint.prior.gradient_parameters() if gradient else [])
+    j_opt = make_optimizer(j_params, cfg.lr)
+    p_step = pretrain_step(plain, p_opt, cfg)
+    j_step = joint_step(joint, j_opt, cfg, n_total, j_params)
+    p_batch = Batcher(TrainData(x, to_float), cfg.batch_size, 0)
+    j_batch = Batcher(TrainData(x, to_float, labels), cfg.batch_size, 0)
+    return plain, joint, (lambda i: p_step(i, *p_batch())), (lambda i: j_step(i, *j_batch()))
+
+
+def _time_side_by_side(steps: dict, iters: int, repeats: int, warmup: int, device) -> dict:
+    for fn in steps.values():
+        for i in range(warmup):
+            fn(i)
+    _sync(device)
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for name, fn in steps.items():  # interleaved, so drift affects both alike
+            start = time.perf_counter()
+            for i in range(iters):
+                fn(i)
+            _sync(device)
+            times[name].append((time.perf_counter() - start) / iters)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_training(model: str, K, args, device) -> dict:
+    arch, kind, x_shape, D = ("conv28", "binary", (1, 28, 28), 64) if model == "mnist28" else \
+        ("conv64", "rgb", (3, 64, 64), 64)
+    batch = args.batch_size if not args.tiny else 8
+    x, to_float = _pool(kind, 4096 if not args.tiny else 256, device)
+    n_total = 50000 if model == "mnist28" else 162770
+    delta = 1000.0 if model == "celeba64" else 0.0
+    labels = None
+    if delta > 0:  # three properties observed on 40% of images, like the paper's CelebA run
+        g = torch.Generator().manual_seed(1)
+        labels = torch.full((len(x), 5), -1, dtype=torch.long)
+        seen = torch.rand(len(x), generator=g) < 0.4
+        labels[seen, :3] = torch.randint(0, 2, (int(seen.sum()), 3), generator=g)
+        labels = labels.to(device)
+    cfg = TrainConfig(iters=0, batch_size=batch, lr=1e-4, delta=delta, amp=args.bf16, tau0=2000.0, kappa=0.7)
+    plain, joint, p_step, j_step = _models(arch, x_shape, K, D, device, delta, x, to_float, labels, cfg, n_total)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = _time_side_by_side({"plain": p_step, "joint": j_step}, args.iters, args.repeats, args.warmup, device)
+    row = {"model": model, "K": K if isinstance(K, int) else list(K), "device": str(device), "batch": batch,
+           "plain_it_s": 1 / t["plain"], "joint_it_s": 1 / t["joint"], "ratio": t["joint"] / t["plain"],
+           "peak_memory_mb": _peak_memory_mb(device), "bf16": args.bf16}
+    if model == "mnist28" and K == max(args.mnist_K):
+        n_eval = args.eval_points if not args.tiny else 64
+        xe = x[:n_eval] if n_eval <= len(x) else x[torch.randint(len(x), (n_eval,), device=device)]
+        for name, fn in (("eval_images_s", lambda: evaluate_bound(joint, xe, to_float, batch=1000)),
+                         ("iwae_images_s", lambda: importance_weighted_log_likelihood(
+                             joint, xe[: max(1, n_eval // 10)], to_float, args.iw_samples))):
+            fn()
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            row[name] = (n_eval if name == "eval_images_s" else max(1, n_eval // 10)) / (time.perf_counter() - start)
+        row["iw_samples"] = args.iw_samples
+    return row
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--iters", type=int, default=20, help="iterations per timed block")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--mnist-K", type=int, nargs="+", default=[2, 64, 512])
+    p.add_argument("--no-celeba", action="store_true", help="skip the CelebA-shaped model")
+    p.add_argument("--eval-points", type=int, default=10000)
+    p.add_argument("--iw-samples", type=int, default=100)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the networks (prior stays float32)")
+    p.add_argument("--tiny", action="store_true", help="a few iterations at batch 8: checks that it runs")
+    p.add_argument("--out", default="reports/bench.json")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.iters, args.repeats, args.warmup = 2, 1, 1
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rows = [bench_training("mnist28", k, args, device) for k in args.mnist_K]
+    if not args.no_celeba:
+        rows.append(bench_training("celeba64", (2, 2, 2, 64, 64), args, device))
+    print(f"{'model':9} {'K':>18} {'device':>7} {'plain it/s':>11} {'joint it/s':>11} {'ratio':>6} {'peak MB':>8}")
+    for r in rows:
+        print(f"{r['model']:9} {str(r['K']):>18} {r['device']:>7} {r['plain_it_s']:11.1f} {r['joint_it_s']:11.1f} "
+              f"{r['ratio']:6.3f} {r['peak_memory_mb']:8.0f}")
+    for r in rows:
+        if "eval_images_s" in r:
+            print(f"evaluation of bound (11): {r['eval_images_s']:.0f} images/s; "
+                  f"IWAE with {r['iw_samples']} samples: {r['iwae_images_s']:.1f} images/s")
+    out = Path(args.out)
+    from .checkpoint import atomic_write_json
+    atomic_write_json(out, rows)
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

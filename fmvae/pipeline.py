@@ -1,0 +1,173 @@
+"""One function per pipeline stage, shared by `stages/*.py` (DVC) and `stages/sweep.py` (Ray Tune).
+
+Each reads its inputs, checks them against params before any work, trains or
+evaluates, and writes its outputs atomically. Training stages checkpoint into
+`ckpt_dir` and resume from it when rerun with the same settings and inputs.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+
+import torch
+
+from . import config, data as data_mod, evaluate as ev
+from .checkpoint import CheckpointDir, atomic_write_json, atomic_write_text, load_checked, provenance, save_checked
+from .data import sha256_file
+from .model import FMVAE
+from .train import TrainData, init_prior, joint_train, pretrain
+
+PHASES = {"pretrain": pretrain, "prior_init": init_prior, "joint": joint_train}
+
+
+def prepare_data(params: dict, out: Path) -> data_mod.Dataset:
+    """download stage: fetch (mirror or canonical address), check, save compact tensors."""
+    d = params["data"]
+    folder = data_mod.fetch(d["name"], d["raw_dir"], d["mirror"] or None)
+    ds = data_mod.load(d["name"], folder, params["seed"])
+    config.check_against_data(params, ds)
+    data_mod.save_prepared(ds, out)
+    print(f"download: {ds.name}: train {tuple(ds.x_train.shape)}, test {tuple(ds.x_test.shape)} -> {out}")
+    return ds
+
+
+def load_data(params: dict, path: Path) -> data_mod.Dataset:
+    ds = data_mod.load_prepared(path)
+    if ds.name != params["data"]["name"]:
+        raise config.ParamError(f"data.name: {path} holds {ds.name!r}, params ask for {params['data']['name']!r}; "
+                                "rerun the download stage")
+    config.check_against_data(params, ds)
+    return ds
+
+
+def save_model(model: FMVAE, path: Path, params: dict, history: list[dict], with_prior: bool = True) -> None:
+    """Networks (and q(xi) unless pre-training, which does not depend on K) with their shapes and provenance."""
+    state = {"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
+             "prior": model.prior.state_dict() if with_prior else None}
+    save_checked({"model": state, "config": config.model_config(model, with_prior), "history": history,
+                  "provenance": provenance(params)}, path)
+
+
+def load_model(params: dict, ds: data_mod.Dataset, path: Path, dev: torch.device) -> FMVAE:
+    model = config.build_model(params, ds)
+    saved = load_checked(path)
+    config.check_model_config(saved["config"], model, path)
+    model.encoder.load_state_dict(saved["model"]["encoder"])
+    model.decoder.load_state_dict(saved["model"]["decoder"])
+    if saved["model"]["prior"] is not None:
+        model.prior.load_state_dict(saved["model"]["prior"])
+    return model.to(dev)
+
+
+def write_curve(history: list[dict], path: Path) -> None:
+    keys = sorted({k for row in history for k in row}, key=lambda k: (k != "step", k))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None, model_out: Path,
+                ckpt_dir: Path, curve_out: Path | None = None, on_log=None) -> list[dict]:
+    """pretrain / prior_init / joint: load, check, train with resume, save."""
+    dev = config.device(params)
+    ds = load_data(params, data_path)
+    if model_in is None:
+        torch.manual_seed(params["seed"])  # network initialisation
+        model = config.build_model(params, ds).to(dev)
+    else:
+        model = load_model(params, ds, model_in, dev)
+    cfg = config.train_config(params, phase)
+    labels = data_mod.semi_supervised_labels(ds.y_train, params["semi"]["fraction"], model.I, params["seed"])
+    data = TrainData(ds.x_train.to(dev), ds.to_float, None if labels is None else labels.to(dev))
+    inputs = [sha256_file(p) for p in (data_path, model_in) if p is not None]
+    fp = config.fingerprint(phase, cfg.__dict__, config.model_config(model, phase != "pretrain"), inputs)
+    kwargs = {}
+    if phase == "joint" and params["semi"]["delta"] > 0 and labels is not None:
+        kwargs["gradient_factors"] = list(range(len(ds.property_K)))
+    start = time.time()
+    history = PHASES[phase](model, data, cfg, CheckpointDir(ckpt_dir), fp, on_log, **kwargs)
+    save_model(model, model_out, params, history, with_prior=phase != "pretrain")
+    if curve_out is not None:
+        write_curve(history, curve_out)
+    last = history[-1] if history else {}
+    print(f"{phase}: done in {time.time() - start:.0f} s; " + ", ".join(f"{k}={v:.3f}" for k, v in last.items()
+                                                                        if k in ("elbo", "recon", "kl", "kl_z", "kl_r")))
+    return history
+
+
+def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out: Path | None = None) -> dict:
+    """Test bound (11) and its parts, components in use, IWAE, accuracies; metrics JSON."""
+    dev = config.device(params)
+    ds = load_data(params, data_path)
+    model = load_model(params, ds, model_path, dev)
+    e = params["evaluate"]
+    torch.manual_seed(params["seed"])
+    x_test = ds.x_test.to(dev)
+    res = ev.evaluate_bound(model, x_test, ds.to_float, samples=e["recon_samples"])
+    metrics = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r", "kl_z_per_factor", "kl_r_per_factor")}
+    metrics["components_used"] = ev.components_in_use(model)
+    metrics["test_points"] = int(x_test.shape[0])
+    if e["iw_samples"] > 0:  # on a seeded random subset (test sets may be sorted by class), with its own ELBO
+        n = min(e["iw_points"], x_test.shape[0])
+        subset = x_test[torch.randperm(x_test.shape[0], generator=torch.Generator().manual_seed(params["seed"]))[:n].to(dev)]
+        metrics["iwae"] = ev.importance_weighted_log_likelihood(model, subset, ds.to_float, e["iw_samples"])
+        metrics["elbo_on_iwae_points"] = ev.evaluate_bound(model, subset, ds.to_float, samples=e["recon_samples"])["elbo"]
+        metrics["iwae_samples"], metrics["iwae_points"] = e["iw_samples"], n
+    if ds.y_test is not None:
+        a = res["assignments"]
+        semi = params["semi"]["fraction"] > 0
+        for p, name in enumerate(ds.property_names):
+            if semi and p < model.I:
+                metrics[f"accuracy_{name}"] = ev.supervised_accuracy(a[:, p], ds.y_test[:, p])
+            for i in range(model.I):
+                metrics[f"cluster_accuracy_factor{i}_{name}"] = ev.matched_accuracy(a[:, i], ds.y_test[:, p])
+    metrics["provenance"] = provenance(params)
+    if metrics_out is not None:
+        atomic_write_json(metrics_out, metrics)
+    print("evaluate: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+    return metrics
+
+
+def plot_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path, curves: list[Path]) -> list[Path]:
+    """Sample grid over two factors (Figures 1/6/8), per-cluster mean/variance/samples (Figure 4), curves."""
+    from . import plots
+    dev = config.device(params)
+    ds = load_data(params, data_path)
+    model = load_model(params, ds, model_path, dev)
+    torch.manual_seed(params["seed"])
+    p = params["plot"]
+    written = [plots.sample_grid(model, ds, p["factors"], p["max_components"], out_dir / "samples_grid.png"),
+               plots.cluster_figure(model, ds, p["factors"][0], out_dir / "clusters.png"),
+               plots.training_curves(curves, out_dir / "training_curves.png")]
+    print("plot: " + ", ".join(str(w) for w in written))
+    return written
+
+
+def properties_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path):
+    """Per labelled property: accuracy of argmax q(r_i|x) on the test set, and the agreement of an
+    automatic judge (a classifier trained on the real labelled images) with the clamped value of
+    samples; written as reports/<dataset>_table.{md,csv}. Data sets without labels get an empty table."""
+    from . import report
+    dev = config.device(params)
+    ds = load_data(params, data_path)
+    model = load_model(params, ds, model_path, dev)
+    stem = out_dir / f"{ds.name}_table"
+    semi = params["semi"]["fraction"] > 0
+    if ds.y_train is None or not semi:
+        why = "has no labelled properties" if ds.y_train is None else "was trained without labels (semi.fraction = 0)"
+        report.write_property_table(report.property_table([], [], [], [], ds.name), stem)
+        print(f"properties: {ds.name} {why}; wrote an empty {stem}.md")
+        return None
+    res = ev.evaluate_bound(model, ds.x_test.to(dev), ds.to_float)
+    acc = [ev.supervised_accuracy(res["assignments"][:, p], ds.y_test[:, p]) for p in range(len(ds.property_K))]
+    p = params["properties"]
+    judge, judge_acc = report.train_judge(ds, p["judge_iters"], seed=params["seed"], device=dev)
+    agreement = report.judge_samples(model, judge, ds, p["samples"], params["seed"])
+    table = report.property_table(ds.property_names, acc, agreement, judge_acc, ds.name)
+    report.write_property_table(table, stem)
+    print(table.to_string(index=False))
+    return table

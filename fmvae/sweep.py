@@ -1,0 +1,118 @@
+"""Ray Tune sweeps over K, seeds and I, running the pipeline's phases in-process.
+
+Layout under `root` (default checkpoints/sweep):
+    data/<dataset>.pt                       prepared once by the driver
+    pretrain/<dataset>-I<I>-D<D>-s<seed>.pt  K-independent pre-training, shared by every K trial
+    trials/<dataset>-I<I>-K<K>-s<seed>/      each trial's checkpoints (a retried trial resumes)
+    ray/<experiment>/                       Tune's own state (Tuner.restore resumes the sweep)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from . import config
+from .report import RESULT_COLUMNS
+
+
+def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
+    p = copy.deepcopy(params)
+    p["data"]["name"], p["model"]["K"], p["model"]["I"], p["seed"] = dataset, K, I, seed
+    p["plot"]["factors"] = [0, 0]
+    for phase in ("pretrain", "prior_init", "joint"):
+        if params["sweep"]["iters"][phase] is not None:
+            p[phase]["iters"] = params["sweep"]["iters"][phase]
+    return config.validate({k: v for k, v in p.items() if k != "sweep"} | {"sweep": params["sweep"]})
+
+
+def run_trial(cfg: dict) -> dict:
+    """One Tune trial: shared pre-training, prior init, joint training, evaluation (11)."""
+    import torch
+    from filelock import FileLock
+    from ray import tune
+
+    from .pipeline import evaluate_stage, train_stage
+
+    start = time.time()
+    root = Path(cfg["root"])
+    params = trial_params(cfg["params"], cfg["dataset"], cfg["K"], cfg["I"], cfg["seed"])
+    torch.set_num_threads(max(1, int(params["sweep"]["cpus_per_trial"])))
+    if str(cfg["K"]) == os.environ.get("FMVAE_SWEEP_FAIL_K"):  # fault injection for the tests
+        raise RuntimeError(f"injected failure for K={cfg['K']}")
+    data = root / "data" / f"{cfg['dataset']}.pt"
+    tag = f"{cfg['dataset']}-I{cfg['I']}-D{params['model']['D']}-s{cfg['seed']}"
+    pretrained = root / "pretrain" / f"{tag}.pt"
+    with FileLock(str(pretrained) + ".lock"):  # the first trial of a (data, I, D, seed) trains, the rest wait
+        if not pretrained.exists():
+            train_stage("pretrain", params, data, None, pretrained, root / "pretrain" / f"{tag}-ckpt")
+    trial_dir = root / "trials" / f"{cfg['dataset']}-I{cfg['I']}-K{cfg['K']}-s{cfg['seed']}"
+    report = lambda phase: (lambda row: tune.report({"phase": phase, **row}))
+    train_stage("prior_init", params, data, pretrained, trial_dir / "prior_init.pt", trial_dir / "ckpt-prior_init",
+                on_log=report("prior_init"))
+    history = train_stage("joint", params, data, trial_dir / "prior_init.pt", trial_dir / "joint.pt",
+                          trial_dir / "ckpt-joint", on_log=report("joint"))
+    metrics = evaluate_stage(params, data, trial_dir / "joint.pt", trial_dir / "metrics.json")
+    final = {k: metrics[k] for k in ("elbo", "recon", "kl_z", "kl_r")}
+    final.update(components_used="/".join(map(str, metrics["components_used"])),
+                 iterations=params["pretrain"]["iters"] + params["prior_init"]["iters"] + params["joint"]["iters"],
+                 wall_s=time.time() - start, joint_steps=history[-1]["step"] if history else 0, phase="done")
+    tune.report(final)
+    return final
+
+
+def experiment_name(params: dict) -> str:
+    s = params["sweep"]
+    grid = {k: s[k] for k in ("data", "K", "seeds", "I", "iters")} | {"D": params["model"]["D"]}
+    return f"fmvae-{s['data']}-{config.fingerprint(grid)[:8]}"
+
+
+def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed: bool = False) -> pd.DataFrame:
+    """Run (or resume) the sweep; return one row per trial with its status."""
+    import ray
+    from ray import tune
+
+    from .pipeline import prepare_data
+
+    s = params["sweep"]
+    root = root.resolve()
+    data = root / "data" / f"{s['data']}.pt"
+    if not data.exists():
+        p = copy.deepcopy(params)
+        p["data"]["name"], p["semi"]["fraction"] = s["data"], 0.0
+        prepare_data(p, data)
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in os.environ.items()
+                                                              if k.startswith("FMVAE_")}})
+    trainable = tune.with_resources(run_trial, {"cpu": s["cpus_per_trial"], "gpu": s["gpus_per_trial"]})
+    storage = root / "ray"
+    name = experiment_name(params)
+    if tune.Tuner.can_restore(str(storage / name)):
+        print(f"sweep: resuming {storage / name}; finished trials are not rerun")
+        tuner = tune.Tuner.restore(str(storage / name), trainable, resume_errored=False,
+                                   restart_errored=retry_failed)
+    else:
+        space = {"K": tune.grid_search(list(s["K"])), "seed": tune.grid_search(list(s["seeds"])),
+                 "I": tune.grid_search(list(s["I"])), "dataset": s["data"], "root": str(root), "params": params}
+        tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
+            name=name, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=s["max_failures"]),
+            verbose=1))
+    start = time.time()
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        c, m = r.config, r.metrics or {}
+        ok = r.error is None and m.get("phase") == "done"
+        rows.append({"dataset": c["dataset"], "K": c["K"], "I": c["I"], "seed": c["seed"],
+                     **{k: m.get(k) if ok else None for k in ("elbo", "recon", "kl_z", "kl_r", "components_used",
+                                                              "iterations", "wall_s")},
+                     "status": "done" if ok else "failed", "error": "" if r.error is None else str(r.error).splitlines()[0][:200]})
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["I", "K", "seed"]).reset_index(drop=True)
+    n_fail = int((df["status"] == "failed").sum())
+    print(f"sweep: {len(df) - n_fail} trials done, {n_fail} failed, wall time {time.time() - start:.0f} s")
+    return df

@@ -1,0 +1,25 @@
+"""Shared by the stage scripts: paths, params loading, and clean errors for bad input."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fmvae.checkpoint import CorruptCheckpoint  # noqa: E402
+from fmvae.config import ParamError, load_params  # noqa: E402
+from fmvae.data import DataError  # noqa: E402
+from fmvae.train import NumericalError  # noqa: E402
+
+DATA = ROOT / "data" / "prepared" / "dataset.pt"
+MODELS = ROOT / "models"
+CHECKPOINTS = ROOT / "checkpoints"
+REPORTS = ROOT / "reports"
+CURVES = REPORTS / "curves"
+
+
+def main(stage) -> None:
+    """Run stage(params) with params.yaml validated first; bad input exits 1 with one clear line."""
+    try:
+        stage(load_params(ROOT / "params.yaml"))
+    except (ParamError, DataError, CorruptCheckpoint, NumericalError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,8 @@
+"""Stage plot: sample grid, cluster statistics and training curves -> reports/figures/."""
+from _common import CURVES, DATA, MODELS, REPORTS, main
+
+from fmvae.pipeline import plot_stage
+
+if __name__ == "__main__":
+    main(lambda params: plot_stage(params, DATA, MODELS / "joint.pt", REPORTS / "figures",
+                                   [CURVES / f"{p}.csv" for p in ("pretrain", "prior_init", "joint")]))

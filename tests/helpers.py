@@ -1,0 +1,63 @@
+"""Test helpers: a throwaway copy of the project and tiny params."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "seed": 0, "device": "cpu",
+    "data": {"name": "synthetic"},
+    "model": {"I": 2, "K": 3, "D": 4},
+    "train": {"batch_size": 32, "lr": 0.001, "log_every": 10, "checkpoint_every_s": 0},
+    "pretrain": {"iters": 30, "kl_anneal_iters": 10},
+    "prior_init": {"iters": 10, "init_points": 500},
+    "joint": {"iters": 30},
+    "evaluate": {"iw_samples": 5, "iw_points": 50},
+    "plot": {"factors": [0, 1], "max_components": 3},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def tiny_params(**sections) -> dict:
+    """The repository's params.yaml with TINY and `sections` merged in (every key present, as DVC needs)."""
+    return merge(merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY), sections)
+
+
+def copy_project(dest: Path, params: dict | None = None) -> Path:
+    """The working tree's files (tracked and untracked, not ignored) copied to dest, a fresh git repo."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    if params is not None:
+        (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def env_with_venv() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.setdefault("FMVAE_DATA_MIRROR", str(ROOT.parent / "shared" / "datasets"))
+    return env
+
+
+def run(cmd, cwd, check=True, env_extra=None, **kw) -> subprocess.CompletedProcess:
+    env = env_with_venv()
+    env.update(env_extra or {})
+    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res

@@ -1,0 +1,93 @@
+"""The DVC pipeline on tiny settings: outputs, incremental reruns, resume, bad params."""
+import json
+import math
+import signal
+
+import pytest
+import yaml
+
+from helpers import copy_project, run, tiny_params
+
+STAGES = ["download", "pretrain", "prior_init", "joint_train", "evaluate", "properties", "plot"]
+OUTPUTS = ["data/prepared/dataset.pt", "models/pretrain.pt", "models/prior_init.pt", "models/joint.pt",
+           "reports/metrics.json", "reports/curves/pretrain.csv", "reports/curves/prior_init.csv",
+           "reports/curves/joint.csv", "reports/figures/samples_grid.png", "reports/figures/clusters.png",
+           "reports/figures/training_curves.png", "reports/synthetic_table.md", "reports/synthetic_table.csv"]
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """One tiny `dvc repro` shared by the tests below (synthetic data, CPU)."""
+    root = copy_project(tmp_path_factory.mktemp("proj"), tiny_params(semi={"fraction": 0.5, "delta": 10.0}))
+    res = run(["dvc", "repro"], root)
+    return root, res.stdout
+
+
+def test_dvc_repro_writes_every_declared_output(project):
+    root, log = project
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in log
+    for out in OUTPUTS:
+        assert (root / out).stat().st_size > 0, out
+    m = json.loads((root / "reports/metrics.json").read_text())
+    for key in ("elbo", "recon", "kl_z", "kl_r", "iwae"):
+        assert math.isfinite(m[key]), key
+    assert m["elbo"] < 0 and m["kl_z"] >= 0 and m["kl_r"] >= 0
+    assert abs(m["elbo"] - (m["recon"] - m["kl_z"] - m["kl_r"])) < 1e-3
+    assert m["iwae"] >= m["elbo"] - 5  # log p(x) estimate is not far below the bound
+    assert len(m["components_used"]) == 2 and all(1 <= c <= 3 for c in m["components_used"])
+    for name in ("shape", "position"):
+        assert 0 <= m[f"accuracy_{name}"] <= 1 and f"cluster_accuracy_factor0_{name}" in m
+    assert m["provenance"]["params"]["model"]["I"] == 2 and m["provenance"]["git_commit"]
+    assert (root / "reports/figures/samples_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_second_repro_reruns_nothing_and_a_plot_param_reruns_only_plot(project):
+    root, _ = project
+    assert "Running stage" not in run(["dvc", "repro"], root).stdout
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["plot"]["max_components"] = 2
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = run(["dvc", "repro"], root).stdout
+    assert "Running stage 'plot'" in log
+    assert all(f"Running stage '{s}'" not in log for s in STAGES[:-1])
+
+
+def test_a_killed_training_stage_resumes_from_its_checkpoint(tmp_path):
+    root = copy_project(tmp_path, tiny_params())
+    for stage in ("download", "pretrain", "prior_init"):
+        run(["python", f"stages/{stage}.py"], root)
+    killed = run(["python", "stages/joint_train.py"], root, check=False, env_extra={"FMVAE_KILL_AT_STEP": "25"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (root / "models/joint.pt").exists()
+    assert list((root / "checkpoints/joint").glob("ckpt-000000020.pt"))
+    resumed = run(["python", "stages/joint_train.py"], root)
+    assert "resuming from step 20" in resumed.stdout + resumed.stderr
+    assert (root / "models/joint.pt").exists()
+
+
+@pytest.mark.parametrize("change,key", [
+    ({"data": {"name": "cifar"}}, "data.name"),
+    ({"model": {"K": 0}}, "model.K"),
+    ({"semi": {"fraction": 1.5}}, "semi.fraction"),
+    ({"model": {"I": 1, "K": 3}, "semi": {"fraction": 0.5}, "plot": {"factors": [0, 0]}}, "model.I"),
+    ({"modle": {"I": 1}}, "modle.I"),
+    ({"train": {"lr": "fast"}}, "train.lr"),
+])
+def test_bad_params_fail_before_work_naming_the_key(tmp_path, change, key):
+    root = copy_project(tmp_path, tiny_params(**change))
+    res = run(["python", "stages/download.py"], root, check=False)
+    assert res.returncode != 0 and key in res.stderr, res.stderr
+    assert not (root / "data").exists()
+
+
+def test_checkpoint_with_other_shapes_is_refused_naming_the_key(tmp_path):
+    root = copy_project(tmp_path, tiny_params())
+    run(["python", "stages/download.py"], root)
+    run(["python", "stages/pretrain.py"], root)
+    before = (root / "models/pretrain.pt").read_bytes()
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(model={"D": 5}), sort_keys=False))
+    res = run(["python", "stages/prior_init.py"], root, check=False)
+    assert res.returncode != 0 and "model.D" in res.stderr
+    assert not (root / "models/prior_init.pt").exists()
+    assert (root / "models/pretrain.pt").read_bytes() == before
