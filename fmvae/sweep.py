@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -43,6 +44,8 @@ def run_trial(cfg: dict) -> dict:
     params = trial_params(cfg["params"], cfg["dataset"], cfg["K"], cfg["I"], cfg["seed"])
     torch.set_num_threads(max(1, int(params["sweep"]["cpus_per_trial"])))
     if str(cfg["K"]) == os.environ.get("FMVAE_SWEEP_FAIL_K"):  # fault injection for the tests
+        with open(root / "injected_failures.log", "a") as f:
+            f.write(f"K={cfg['K']}\n")
         raise RuntimeError(f"injected failure for K={cfg['K']}")
     data = root / "data" / f"{cfg['dataset']}.pt"
     tag = f"{cfg['dataset']}-I{cfg['I']}-D{params['model']['D']}-s{cfg['seed']}"
@@ -63,6 +66,12 @@ def run_trial(cfg: dict) -> dict:
                  wall_s=time.time() - start, joint_steps=history[-1]["step"] if history else 0, phase="done")
     tune.report(final)
     return final
+
+
+def _last_line(error: BaseException) -> str:
+    """The exception's own message (Ray wraps it in a traceback whose first line names the actor)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    return re.sub(r"\x1b\[[0-9;]*m", "", lines[-1] if lines else type(error).__name__)[:200]
 
 
 def experiment_name(params: dict) -> str:
@@ -106,12 +115,14 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
     grid = tuner.fit()
     rows = []
     for r in grid:
-        c, m = r.config, r.metrics or {}
+        # a restored trial that errored before reporting has no config in memory; its folder keeps it
+        c = r.config or json.loads((Path(r.path) / "params.json").read_text())
+        m = r.metrics or {}
         ok = r.error is None and m.get("phase") == "done"
         rows.append({"dataset": c["dataset"], "K": c["K"], "I": c["I"], "seed": c["seed"],
                      **{k: m.get(k) if ok else None for k in ("elbo", "recon", "kl_z", "kl_r", "components_used",
                                                               "iterations", "wall_s")},
-                     "status": "done" if ok else "failed", "error": "" if r.error is None else str(r.error).splitlines()[0][:200]})
+                     "status": "done" if ok else "failed", "error": "" if r.error is None else _last_line(r.error)})
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["I", "K", "seed"]).reset_index(drop=True)
     n_fail = int((df["status"] == "failed").sum())
     print(f"sweep: {len(df) - n_fail} trials done, {n_fail} failed, wall time {time.time() - start:.0f} s")
