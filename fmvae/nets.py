@@ -115,7 +115,7 @@ class MLPDecoder(nn.Module):
         return self.body(z)
 
     def log_prob(self, x: Tensor, z: Tensor) -> Tensor:
-        return torch.distributions.Normal(self(z), self.log_std.exp()).log_prob(x).sum(-1)
+        return (-0.5 * ((x - self(z)) / self.log_std.exp()) ** 2 - self.log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
 
     def mean(self, z: Tensor) -> Tensor:
         return self(z)

@@ -89,7 +89,7 @@ def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None
     if phase == "joint" and params["semi"]["delta"] > 0 and labels is not None:
         kwargs["gradient_factors"] = list(range(len(ds.property_K)))
     start = time.time()
-    history = PHASES[phase](model, data, cfg, CheckpointDir(ckpt_dir), fp, on_log, **kwargs)
+    history = PHASES[phase](model, data, cfg, CheckpointDir(ckpt_dir), fp, on_log, meta=provenance(params), **kwargs)
     save_model(model, model_out, params, history, with_prior=phase != "pretrain")
     if curve_out is not None:
         write_curve(history, curve_out)

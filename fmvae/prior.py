@@ -92,10 +92,6 @@ def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator | None = None
     return torch.cdist(x, c).argmin(-1)
 
 
-def _inv_softplus(x: Tensor) -> Tensor:
-    return x + torch.log(-torch.expm1(-x))
-
-
 class FactorialMixturePrior(nn.Module):
     """p(z) = prod_i sum_k pi_ik N(z_i; mu_ik, diag(alpha_ik)^-1) with q(xi) in natural parameters.
 

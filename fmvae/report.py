@@ -58,7 +58,7 @@ def figure3(results: pd.DataFrame, dataset: str, out_dir: Path) -> Path:
             ax.plot([np.log2(k)], [v], "r*", markersize=12, label=f"paper: {v} at K = {k}")
         ax.set_title(title), ax.set_xlabel("log2 K")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{dataset}: test bound (11) and its parts against K (mean, band = std over seeds)")
+    fig.suptitle(f"{dataset}: test bound (11) and its parts against K (mean, band = std over seeds)", y=1.04)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)

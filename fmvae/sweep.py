@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import config
+from .checkpoint import atomic_write_json
 from .report import RESULT_COLUMNS
 
 
@@ -54,6 +55,11 @@ def run_trial(cfg: dict) -> dict:
         if not pretrained.exists():
             train_stage("pretrain", params, data, None, pretrained, root / "pretrain" / f"{tag}-ckpt")
     trial_dir = root / "trials" / f"{cfg['dataset']}-I{cfg['I']}-K{cfg['K']}-s{cfg['seed']}"
+    done = trial_dir / "final.json"
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == config.fingerprint(params):
+        final = json.loads(done.read_text())["metrics"]  # finished before (e.g. the driver died): no work
+        tune.report(final)
+        return final
     report = lambda phase: (lambda row: tune.report({"phase": phase, **row}))
     train_stage("prior_init", params, data, pretrained, trial_dir / "prior_init.pt", trial_dir / "ckpt-prior_init",
                 on_log=report("prior_init"))
@@ -64,6 +70,7 @@ def run_trial(cfg: dict) -> dict:
     final.update(components_used="/".join(map(str, metrics["components_used"])),
                  iterations=params["pretrain"]["iters"] + params["prior_init"]["iters"] + params["joint"]["iters"],
                  wall_s=time.time() - start, joint_steps=history[-1]["step"] if history else 0, phase="done")
+    atomic_write_json(done, {"fingerprint": config.fingerprint(params), "metrics": final})
     tune.report(final)
     return final
 

@@ -80,7 +80,8 @@ class Batcher:
 
 
 def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher, optimizer,
-          ckpt: CheckpointDir | None, fingerprint: str, on_log=None, extra_state=None, log_extras=None) -> list[dict]:
+          ckpt: CheckpointDir | None, fingerprint: str, on_log=None, log_extras=None,
+          meta: dict | None = None) -> list[dict]:
     """Run step_fn(step, x, labels) -> {term: 0-d tensor} for cfg.iters steps with logging,
     checks, checkpoints and resume. log_extras(row) adds terms computed once per log interval.
     Returns the logged rows (the training curve)."""
@@ -95,8 +96,6 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start, history, skipped = state["step"], state["history"], state.get("skipped", 0)
-        if extra_state is not None:
-            extra_state.load(state.get("extra"))
         tqdm.write(f"{phase}: resuming from step {start}") if cfg.progress else None
     elif state is not None:
         tqdm.write(f"{phase}: ignoring checkpoints of different settings in {ckpt.folder}") if cfg.progress else None
@@ -109,8 +108,7 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
                    "optimizer": optimizer.state_dict() if optimizer is not None else None,
                    "batcher": batcher.generator.get_state(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                   "extra": extra_state.state() if extra_state is not None else None,
-                   "config": asdict(cfg)}, step)
+                   "config": asdict(cfg), "provenance": meta or {}}, step)
 
     kill_at = int(os.environ.get("FMVAE_KILL_AT_STEP", "-1"))  # fault injection for the crash tests
     sums, first_bad, n, names = None, None, 0, None
@@ -125,22 +123,22 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
         terms = step_fn(step, x, labels)
         if terms is None:  # a skipped batch (nan_policy == "skip")
             skipped += 1
-            continue
-        if names is None:
-            names = list(terms)
-        values = torch.stack([terms[k].float() for k in names])
-        bad_now = ~torch.isfinite(values)
-        if sums is None:
-            sums, first_bad = torch.zeros_like(values), torch.full(values.shape, -1, dtype=torch.long,
-                                                                   device=values.device)
-        first_bad = torch.where((first_bad < 0) & bad_now, torch.full_like(first_bad, step), first_bad)
-        sums, n = sums + values, n + 1
+        else:
+            if names is None:
+                names = list(terms)
+            values = torch.stack([terms[k].float() for k in names])
+            if sums is None:
+                sums = torch.zeros_like(values)
+                first_bad = torch.full(values.shape, -1, dtype=torch.long, device=values.device)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(values), torch.full_like(first_bad, step),
+                                    first_bad)
+            sums, n = sums + values, n + 1
         last = step + 1 == cfg.iters
-        if (step + 1) % cfg.log_every == 0 or last:
-            bad = first_bad.tolist()
-            for name, s in zip(names, bad):
-                if s >= 0:
-                    raise NumericalError(phase, s, name)
+        if ((step + 1) % cfg.log_every == 0 or last) and n > 0:
+            bad = {name: s for name, s in zip(names, first_bad.tolist()) if s >= 0}
+            if bad:  # name the earliest step's terms, the prior's validity (a cause, listed first) first
+                first = min(bad.values())
+                raise NumericalError(phase, first, ", ".join(t for t in names if bad.get(t) == first))
             row = {"step": step + 1, **{k: v / n for k, v in zip(names, sums.tolist())}}
             if log_extras is not None:
                 log_extras(row)
@@ -202,12 +200,12 @@ def pretrain_step(model: FMVAE, opt, cfg: TrainConfig):
 
 
 def pretrain(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
-             fingerprint: str = "", on_log=None) -> list[dict]:
+             fingerprint: str = "", on_log=None, meta: dict | None = None) -> list[dict]:
     """Fit theta, phi under a N(0, I) prior, the KL weight ramped 0 -> 1 over cfg.kl_anneal_iters."""
     torch.manual_seed(cfg.seed)
     opt = make_optimizer(model.network_parameters(), cfg.lr)
     return _loop("pretrain", model, pretrain_step(model, opt, cfg), cfg, Batcher(data, cfg.batch_size, cfg.seed),
-                 opt, ckpt, fingerprint, on_log)
+                 opt, ckpt, fingerprint, on_log, meta=meta)
 
 
 # ----------------------------------------------------------------- phase 2
@@ -223,7 +221,7 @@ def encode_all(model: FMVAE, data: TrainData, batch: int = 1000):
 
 
 def init_prior(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
-               fingerprint: str = "", on_log=None) -> list[dict]:
+               fingerprint: str = "", on_log=None, meta: dict | None = None) -> list[dict]:
     """Seed q(xi) by k-means++ on encodings, then run local step + SVI with the encoder fixed.
 
     The encoder does not change in this phase, so the training set is encoded once
@@ -246,7 +244,7 @@ def init_prior(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoint
         return {"kl_z": kl_z, "kl_r": kl_r, "natural_params": _validity(prior)}
 
     return _loop("prior_init", model, step_fn, cfg, Batcher(encoded, cfg.batch_size, cfg.seed), None, ckpt,
-                 fingerprint, on_log)
+                 fingerprint, on_log, meta=meta)
 
 
 def _validity(prior) -> torch.Tensor:
@@ -306,16 +304,19 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
         with torch.no_grad(), _autocast(x, cfg):
             mu, logvar = model.encode(x)
         svi(mu, logvar.exp(), labels, None if prior.has_gradient_factors else stats)
-        return out | {"natural_params": _validity(prior)}
+        return {"natural_params": _validity(prior)} | out
 
     def fused(step, x, labels):
         with _autocast(x, cfg):
             mu, logvar = model.encode(x)
             var = logvar.exp()
+            if cfg.nan_policy == "skip" and not (mu.isfinite().all() and var.isfinite().all()):
+                return None  # the SVI step comes first here: never let a bad batch reach q(xi)
             svi(mu, var, labels)
+            valid = _validity(prior)
             terms = model.bound_from_encodings(x, mu, logvar, labels)
         out = adam(x, labels, step, terms)
-        return None if out is None else out | {"natural_params": _validity(prior)}
+        return None if out is None else {"natural_params": valid} | out
 
     if cfg.order not in ("paper", "fused"):
         raise ValueError(f"joint.order: {cfg.order!r}, choose paper or fused")
@@ -323,7 +324,7 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
 
 
 def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
-                fingerprint: str = "", on_log=None, gradient_factors=()) -> list[dict]:
+                fingerprint: str = "", on_log=None, gradient_factors=(), meta: dict | None = None) -> list[dict]:
     """Joint optimisation of theta, phi and q(xi) (2.4), with the semi-supervised term (8).
 
     With delta > 0 the `gradient_factors` (those with labels) leave SVI and move by
@@ -343,6 +344,7 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
         row["elbo"] = row["bound"] - row["global_kl"]
 
     history = _loop("joint", model, joint_step(model, opt, cfg, n_total, params), cfg,
-                    Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt, fingerprint, on_log, log_extras=log_extras)
+                    Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt, fingerprint, on_log, log_extras=log_extras,
+                    meta=meta)
     prior.sync_gradient_factors()
     return history

@@ -40,6 +40,12 @@ def test_dvc_repro_writes_every_declared_output(project):
         assert 0 <= m[f"accuracy_{name}"] <= 1 and f"cluster_accuracy_factor0_{name}" in m
     assert m["provenance"]["params"]["model"]["I"] == 2 and m["provenance"]["git_commit"]
     assert (root / "reports/figures/samples_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import pandas as pd
+    table = pd.read_csv(root / "reports/synthetic_table.csv")
+    assert list(table["property"]) == ["shape", "position"]
+    for col in ("accuracy_argmax_q_r", "judge_agreement_clamped_samples", "judge_test_accuracy"):
+        assert table[col].between(0, 1).all()
+    assert table["accuracy_argmax_q_r"].tolist() == [m["accuracy_shape"], m["accuracy_position"]]
 
 
 def test_second_repro_reruns_nothing_and_a_plot_param_reruns_only_plot(project):
