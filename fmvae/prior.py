@@ -46,10 +46,11 @@ class Hyperprior:
 
 
 class PriorStats(NamedTuple):
-    """What the local step needs from q(xi), computed once per step (float32, see ng.ell_weights)."""
+    """What the local step needs from q(xi) (float32, see ng.ell_weights), and its validity."""
     const: Tensor    # (I, K)
     weights: Tensor  # (I, K, 2D)
     log_pi: Tensor   # (I, K), -inf on padded components
+    valid: Tensor    # () bool: s, a, b, c of real components positive and finite
 
 
 class LocalStep(NamedTuple):
@@ -169,25 +170,32 @@ class FactorialMixturePrior(nn.Module):
             self.c.copy_(c)
 
     def is_valid(self) -> Tensor:
-        """Device bool: s, a, b, c of every real component positive and finite (no host sync).
+        """Device bool: s, a, b, c of every real component positive and finite (no host sync)."""
+        return self.stats().valid
 
-        Read straight off the natural parameters: s = -2 lam4, a = lam1 + 1/2,
-        b = -lam2 + lam3^2 / (4 lam4).
-        """
-        lam = self.lam
-        b = -lam[1] + lam[2] * lam[2] / (4 * lam[3])
-        ok = (lam[3] < 0) & (lam[0] > -0.5) & (b > 0) & lam.isfinite().all(0)
-        ok = (ok | ~self.mask[..., None]).all() & ((self.c > 0) | ~self.mask).all()
-        if self.has_gradient_factors:
-            ok = ok & torch.stack([p.isfinite().all() for p in self.gradient_parameters()]).all()
-        return ok
+    def _validity(self, m, s, a, b, c) -> Tensor:
+        msk = self.mask[..., None]
+        ok = (((s > 0) & (a > 0) & (b > 0) & m.isfinite() & s.isfinite() & a.isfinite() & b.isfinite()) | ~msk).all()
+        return ok & ((c > 0) & c.isfinite() | ~self.mask).all()
 
     # ------------------------------------------------------------ local step
     def stats(self, dtype=torch.float32) -> PriorStats:
-        """Expected statistics of q(xi) for the local step; differentiable for gradient factors."""
-        m, s, a, b, c = self.mean_params()
+        """Expected statistics of q(xi) for the local step; differentiable for gradient factors.
+
+        Without gradient factors they are cached until lam or c change in place (tracked by
+        PyTorch's version counters), so the fused joint step computes them once per iteration.
+        """
+        key = (self.lam._version, self.c._version, id(self.lam), dtype, self.lam.device)
+        if not self.has_gradient_factors and getattr(self, "_stats_key", None) == key:
+            return self._stats
+        m, s, a, b, c = self.mean_params()  # float64: b = -lam2 - s m^2 / 2 cancels
+        valid = self._validity(m, s, a, b, c)
+        m, s, a, b, c = (t.to(dtype) for t in (m, s, a, b, c))  # the rest is well conditioned
         const, weights = ng.ell_weights(m, s, a, b)
-        return PriorStats(const.to(dtype), weights.to(dtype), expected_log_pi(c, self.mask).to(dtype))
+        out = PriorStats(const, weights, expected_log_pi(c, self.mask), valid)
+        if not self.has_gradient_factors:
+            self._stats_key, self._stats = key, out
+        return out
 
     def local_step(self, mu: Tensor, var: Tensor, labels: Tensor | None = None,
                    stats: PriorStats | None = None) -> LocalStep:

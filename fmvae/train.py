@@ -248,7 +248,8 @@ def init_prior(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoint
 
 
 def _validity(prior) -> torch.Tensor:
-    """0 when every s, a, b, c is positive and finite, NaN otherwise (so the loop's check names it)."""
+    """0 when every s, a, b, c is positive and finite, NaN otherwise (so the loop's check names it).
+    Checked after every SVI step; its statistics are cached for the next local step."""
     return torch.where(prior.is_valid(), 0.0, float("nan"))
 
 

@@ -142,3 +142,23 @@ def test_gradient_factors_move_by_gradient_and_others_by_svi():
     prior.svi_step(mu, var, st.gamma, 30, 0.5)
     assert torch.equal(prior.lam[:, 0], lam_before[:, 0]), "gradient factor must not take the SVI step"
     assert not torch.allclose(prior.lam[:, 1], lam_before[:, 1]), "SVI factor must take it"
+
+
+def test_stats_cache_follows_every_change_of_q_xi():
+    torch.manual_seed(6)
+    prior = FactorialMixturePrior([3], 2)
+    prior.init_from_encodings(torch.randn(30, 1, 2), torch.full((30, 1, 2), 0.1), 30)
+    first = prior.stats()
+    assert prior.stats() is first  # unchanged q(xi): cached
+    prior.svi_step(torch.randn(8, 1, 2), torch.rand(8, 1, 2), torch.softmax(torch.randn(8, 1, 3), -1), 30, 0.5)
+    second = prior.stats()
+    assert second is not first and not torch.equal(second.const, first.const)
+    with torch.no_grad():
+        prior.lam[2] += 1.0  # any in-place edit, e.g. by a user, invalidates it too
+    third = prior.stats()
+    assert not torch.equal(third.weights, second.weights)
+    prior.load_state_dict(FactorialMixturePrior([3], 2).state_dict())
+    assert torch.equal(prior.stats().const, FactorialMixturePrior([3], 2).stats().const)
+    with torch.no_grad():
+        prior.c[0, 1] = -1.0
+    assert not prior.is_valid()
