@@ -25,8 +25,10 @@ def train(seed, x, labels=None, delta=0.0, pre=800, joint=1500, kl_z_weight=10.0
 
 
 def test_unsupervised_training_recovers_each_factor():
-    """Fixed seed 0. Unsupervised recovery is seed-sensitive: over seeds 0..5 one run (this one)
-    recovers both factors >= 0.9 and most recover one factor >= 0.97 and the other at 0.5-0.9."""
+    """Fixed seed 0. Unsupervised recovery is seed-sensitive (measured over seeds 0..7: seeds 0 and 7
+    recover both factors at 1.0, seed 4 at 0.89, the others 0.57-0.78 on their worse factor), and
+    neither the training nor a held-out bound singles out the factorised runs. Semi-supervision
+    (next test) makes it reliable."""
     start = time.time()
     x, _ = factorial_vectors(3000, seed=0)
     x_test, y_test = factorial_vectors(1000, seed=1)
