@@ -105,6 +105,9 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in os.environ.items()
                                                               if k.startswith("FMVAE_")}})
+    if s["gpus_per_trial"] > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        raise config.ParamError(f"sweep.gpus_per_trial: {s['gpus_per_trial']} but the Ray cluster has no GPU "
+                                "(trials would wait forever); set it to 0 to run on CPUs")
     trainable = tune.with_resources(run_trial, {"cpu": s["cpus_per_trial"], "gpu": s["gpus_per_trial"]})
     storage = root / "ray"
     name = experiment_name(params)

@@ -50,3 +50,13 @@ def test_report_stage_draws_figure3(swept):
     assert (root / "reports/figure3_synthetic.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(root / "reports/figure3_synthetic.csv")
     assert sorted(table["K"]) == [2, 3] and (table["seeds"] == 1).all()
+
+
+def test_asking_for_gpus_on_a_cluster_without_any_is_a_clear_error(tmp_path):
+    root = copy_project(tmp_path, tiny_params(model={"I": 1, "K": 3, "D": 4}, plot={"factors": [0, 0]},
+                                              sweep=SWEEP | {"gpus_per_trial": 0.5}))
+    before = (root / "reports/sweep/results.csv").read_bytes()  # the committed results stay as they are
+    res = run(["python", "stages/sweep.py"], root, check=False, timeout=300)
+    assert res.returncode == 1 and "sweep.gpus_per_trial: 0.5 but the Ray cluster has no GPU" in res.stderr
+    assert (root / "reports/sweep/results.csv").read_bytes() == before
+    assert not (root / "checkpoints/sweep/trials").exists()
