@@ -12,7 +12,6 @@ excluded, median of the repeats):
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time

@@ -71,7 +71,6 @@ SCHEMA = {
     "sweep.iters.prior_init": (None, (int, type(None)), lambda v: v is None or v >= 0, "null or >= 0"),
     "sweep.iters.joint": (None, (int, type(None)), lambda v: v is None or v >= 0, "null or >= 0"),
 }
-SECTIONS = sorted({k.split(".")[0] for k in SCHEMA if "." in k})
 
 
 class ParamError(ValueError):

@@ -12,7 +12,6 @@ whose fingerprint matches.
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time

@@ -1,5 +1,4 @@
 """Loaders on the mirror's real files, the CelebA layout, and safe fetching."""
-import hashlib
 import shutil
 import warnings
 
@@ -86,7 +85,7 @@ def test_celeba_layout_with_real_attribute_rows(mirror, tmp_path):
 
 
 def test_celeba_missing_image_is_named(mirror, tmp_path):
-    rows = make_celeba(tmp_path / "celeba", mirror, drop="000003.jpg")
+    make_celeba(tmp_path / "celeba", mirror, drop="000003.jpg")
     with pytest.raises(data.DataError, match="000003.jpg"):
         data.load("celeba", tmp_path / "celeba")
 

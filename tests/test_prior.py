@@ -1,5 +1,4 @@
 """Local step, clamping, SVI and sampling of the factorial prior."""
-import math
 
 import pytest
 import torch

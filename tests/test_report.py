@@ -2,10 +2,9 @@
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from fmvae import report
-from fmvae.data import load_synthetic, semi_supervised_labels
+from fmvae.data import load_synthetic
 from fmvae.evaluate import matched_accuracy
 
 
