@@ -159,7 +159,7 @@ def properties_stage(params: dict, data_path: Path, model_path: Path, out_dir: P
     semi = params["semi"]["fraction"] > 0
     if ds.y_train is None or not semi:
         why = "has no labelled properties" if ds.y_train is None else "was trained without labels (semi.fraction = 0)"
-        report.write_property_table(report.property_table([], [], [], [], ds.name), stem)
+        report.write_table(report.property_table([], [], [], [], ds.name), stem)
         print(f"properties: {ds.name} {why}; wrote an empty {stem}.md")
         return None
     res = ev.evaluate_bound(model, ds.x_test.to(dev), ds.to_float)
@@ -168,6 +168,6 @@ def properties_stage(params: dict, data_path: Path, model_path: Path, out_dir: P
     judge, judge_acc = report.train_judge(ds, p["judge_iters"], seed=params["seed"], device=dev)
     agreement = report.judge_samples(model, judge, ds, p["samples"], params["seed"])
     table = report.property_table(ds.property_names, acc, agreement, judge_acc, ds.name)
-    report.write_property_table(table, stem)
+    report.write_table(table, stem)
     print(table.to_string(index=False))
     return table

@@ -33,7 +33,8 @@ def aggregate(results: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index().sort_values(["dataset", "I", "K"])
 
 
-def _write_table(df: pd.DataFrame, stem: Path) -> None:
+def write_table(df: pd.DataFrame, stem: Path) -> None:
+    """The same table as stem.csv and stem.md, each written atomically."""
     atomic_write_text(stem.with_suffix(".csv"), df.to_csv(index=False))
     atomic_write_text(stem.with_suffix(".md"), df.to_markdown(index=False, floatfmt=".3f") + "\n")
 
@@ -45,7 +46,7 @@ def figure3(results: pd.DataFrame, dataset: str, out_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     agg = aggregate(results[results["dataset"] == dataset])
-    _write_table(agg, out_dir / f"figure3_{dataset}")
+    write_table(agg, out_dir / f"figure3_{dataset}")
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
     for ax, term, title in zip(axes, TERMS, ("test ELBO", "E[log p(x|z)]", "KL[z]", "KL[r]")):
         for I, part in agg.groupby("I"):
@@ -139,6 +140,3 @@ def property_table(names: list[str], accuracy: list[float], judged: list[float],
                      "judge_test_accuracy": jacc})
     return pd.DataFrame(rows)
 
-
-def write_property_table(df: pd.DataFrame, stem: Path) -> None:
-    _write_table(df, stem)

@@ -165,11 +165,9 @@ def make_optimizer(params, lr: float):
     return torch.optim.Adam(params, lr=lr, fused=fused or None)
 
 
-def _skip_if_bad(cfg: TrainConfig, loss: torch.Tensor, optimizer) -> bool:
-    if cfg.nan_policy == "skip" and not torch.isfinite(loss):  # host sync only in this opt-in mode
-        optimizer.zero_grad(set_to_none=True)
-        return True
-    return False
+def _skip_batch(cfg: TrainConfig, *tensors: torch.Tensor) -> bool:
+    """nan_policy == "skip": is any of these non-finite? (A host sync, only in this opt-in mode.)"""
+    return cfg.nan_policy == "skip" and not all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _autocast(x: torch.Tensor, cfg: TrainConfig):
@@ -188,7 +186,8 @@ def pretrain_step(model: FMVAE, opt, cfg: TrainConfig):
         loss = -(recon - w * kl).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if _skip_if_bad(cfg, loss, opt):
+        if _skip_batch(cfg, loss):
+            opt.zero_grad(set_to_none=True)
             return None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
@@ -286,7 +285,8 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
             loss = loss + prior.global_kl() / n_total
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if _skip_if_bad(cfg, loss, opt):
+        if _skip_batch(cfg, loss):
+            opt.zero_grad(set_to_none=True)
             return None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
@@ -310,7 +310,7 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
         with _autocast(x, cfg):
             mu, logvar = model.encode(x)
             var = logvar.exp()
-            if cfg.nan_policy == "skip" and not (mu.isfinite().all() and var.isfinite().all()):
+            if _skip_batch(cfg, mu, var):
                 return None  # the SVI step comes first here: never let a bad batch reach q(xi)
             svi(mu, var, labels)
             valid = _validity(prior)

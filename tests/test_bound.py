@@ -111,3 +111,13 @@ def test_model_bound_recon_is_monte_carlo_of_the_decoder_likelihood():
     assert t.recon.shape == (5,) and t.kl_z.shape == (5, 1) and t.kl_r.shape == (5, 1)
     assert torch.allclose(t.elbo, t.recon - t.kl_z[:, 0] - t.kl_r[:, 0])
     assert (t.kl_r >= -1e-5).all()
+    # recon is the mean of log p(x|z) over 4 reparameterised draws z = mu + sigma * eps
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        torch.manual_seed(4)
+        got = model.reconstruction(x, mu, logvar, samples=4)
+        torch.manual_seed(4)
+        std = (0.5 * logvar).exp().flatten(1)
+        draws = [model.decoder.log_prob(x, mu.flatten(1) + std * torch.randn_like(std)) for _ in range(4)]
+    assert torch.allclose(got, torch.stack(draws).mean(0), rtol=1e-6)
+    assert not torch.allclose(draws[0], draws[1])  # the draws really differ
