@@ -1,6 +1,7 @@
 """fmvae: the factorial mixture prior VAE of Paquet, Ghaisas and Tieleman.
 
     fmvae.prior       the prior, q(xi), local step, SVI, sampling (fmvae.distributions: the families)
+    fmvae.clustering  symmetry breaking: k-means++, factorial k-means with a latent rotation
     fmvae.nets        encoders and decoders of section 4
     fmvae.model       FMVAE: the bound (4a)-(4e), (8), (11), IWAE, conditional samples
     fmvae.train       pre-training, prior initialisation, joint training, checkpoints

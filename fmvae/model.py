@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .nets import make_networks
+from .nets import latent_layers, make_networks
 from .prior import FactorialMixturePrior, Hyperprior, LocalStep, PriorStats
 
 
@@ -79,6 +79,27 @@ class FMVAE(nn.Module):
         recon = self.reconstruction(x, mu, logvar, samples)
         ce = self.prior.cross_entropy(step, labels) if labels is not None else torch.zeros_like(recon)
         return BoundTerms(recon, self.prior.kl_z(logvar, step), self.prior.kl_r(step), ce, step, mu, var)
+
+    @torch.no_grad()
+    def rotate_latent(self, rotation: Tensor) -> None:
+        """Re-express encoder and decoder in the coordinates z' = z R, for an orthogonal R (I*D, I*D).
+
+        Encoder means become mu R exactly, and the decoder maps z' to what it mapped z = z' R^T to,
+        so reconstructions at the means are unchanged; so is the pre-training KL of the means, since
+        N(0, I) is rotation invariant. q(z'|x) stays diagonal: its log variance j becomes
+        sum_k R_kj^2 log var_k, linear in the old log variances (so it folds into the output layer)
+        and, by Jensen, a lower bound on log (R^T diag(var) R)_jj, exact when var is isotropic.
+        """
+        head, first = latent_layers(self.encoder, self.decoder)
+        latent = self.I * self.D
+        r = rotation.to(head.weight)
+        if r.shape != (latent, latent) or not torch.allclose(r.T @ r, torch.eye(latent, dtype=r.dtype, device=r.device),
+                                                             atol=1e-4):
+            raise ValueError(f"rotate_latent: expected an orthogonal ({latent}, {latent}) matrix")
+        mixing = torch.block_diag(r, r * r).T  # rows: new (mean, log variance) from old
+        head.weight.copy_(mixing @ head.weight)
+        head.bias.copy_(mixing @ head.bias)
+        first.weight.copy_(first.weight @ r)  # W z = W R z'^T since z = z' R^T
 
     def vae_bound(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(recon, KL) per point under a N(0, I) prior, for pre-training."""

@@ -139,5 +139,13 @@ def make_networks(arch: str, latent: int, x_shape) -> tuple[nn.Module, nn.Module
     raise ValueError(f"unknown architecture {arch!r}; choose conv28, conv64 or mlp")
 
 
+def latent_layers(encoder: nn.Module, decoder: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """The two linear maps that touch z: the encoder's output layer and the decoder's input layer."""
+    head, first = encoder[-1], decoder.body[0]
+    if not (isinstance(head, nn.Linear) and isinstance(first, nn.Linear)):
+        raise TypeError("latent_layers: the encoder must end, and the decoder begin, with nn.Linear")
+    return head, first
+
+
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -18,6 +18,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
+from .clustering import factorial_kmeans, kmeans_plus_plus
 from .distributions import dirichlet
 from .distributions import normal_gamma as ng
 from .distributions.dirichlet import expected_log_pi, kl_dirichlet
@@ -68,29 +69,6 @@ def robbins_monro(step, tau0: float, kappa: float):
 def neg_entropy_gaussian(logvar: Tensor) -> Tensor:
     """-H[N(mu, diag exp(logvar))], summed over the last dimension."""
     return -0.5 * (ng.LOG_2PI + 1.0 + logvar).sum(-1)
-
-
-def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator | None = None, lloyd_iters: int = 10) -> Tensor:
-    """k-means++ seeding followed by a few Lloyd iterations; returns hard labels (M,).
-
-    Used to break the symmetry of the K components before prior initialisation.
-    """
-    m = x.shape[0]
-    first = torch.randint(m, (1,), generator=generator, device="cpu").item()
-    centres = [x[first]]
-    d2 = ((x - centres[0]) ** 2).sum(-1)
-    for _ in range(1, k):
-        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / m)
-        idx = torch.multinomial(probs.cpu(), 1, generator=generator).item()
-        centres.append(x[idx])
-        d2 = torch.minimum(d2, ((x - x[idx]) ** 2).sum(-1))
-    c = torch.stack(centres)
-    for _ in range(lloyd_iters):
-        labels = torch.cdist(x, c).argmin(-1)
-        one_hot = nn.functional.one_hot(labels, k).to(x.dtype)
-        counts = one_hot.sum(0)
-        c = torch.where(counts[:, None] > 0, (one_hot.T @ x) / counts.clamp(min=1)[:, None], c)
-    return torch.cdist(x, c).argmin(-1)
 
 
 class FactorialMixturePrior(nn.Module):
@@ -269,15 +247,19 @@ class FactorialMixturePrior(nn.Module):
         self.svi_steps += 1
 
     @torch.no_grad()
-    def init_from_encodings(self, mu: Tensor, var: Tensor, n_total: float, generator=None) -> None:
-        """Break symmetry: k-means++ on encoder means, then set q(xi) to the conjugate
-        posterior of that hard clustering (the batch optimum (13) with rho = 1)."""
-        gamma = torch.zeros(mu.shape[0], self.I, self.mask.shape[1], dtype=mu.dtype, device=mu.device)
-        for i, k in enumerate(self.K):
-            labels = kmeans_plus_plus(mu[:, i].double(), k, generator).to(mu.device)
-            gamma[:, i] = nn.functional.one_hot(labels, gamma.shape[-1]).to(mu.dtype)
+    def init_from_assignments(self, mu: Tensor, var: Tensor, assignments: Tensor, n_total: float) -> None:
+        """Set q(xi) to the conjugate posterior of a hard clustering (the batch optimum (13)
+        with rho = 1). assignments: (M, I) long component indices."""
+        gamma = nn.functional.one_hot(assignments.to(mu.device), self.mask.shape[1]).to(mu.dtype)
         self.svi_step(mu, var, gamma, n_total, rho=1.0)
         self.svi_steps.zero_()
+
+    @torch.no_grad()
+    def init_from_encodings(self, mu: Tensor, var: Tensor, n_total: float, generator=None) -> None:
+        """Break symmetry by k-means++ and Lloyd steps on each block of the encoder means, then
+        initialise from that clustering. (fmvae.train.init_prior also rotates the latent space.)"""
+        _, assignments, _ = factorial_kmeans(mu, self.K, generator, rotate=False)
+        self.init_from_assignments(mu, var, assignments, n_total)
 
     # ------------------------------------------------------------- sampling
     def mixture_weights(self) -> Tensor:

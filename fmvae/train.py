@@ -1,7 +1,7 @@
 """The three training phases of section 2.4 and the loop they share.
 
     pretrain     theta, phi under a N(0, I) prior (optionally annealed KL)
-    init_prior   local step + SVI on q(xi) only, encoder fixed, after k-means++ seeding
+    init_prior   local step + SVI on q(xi) only, encoder fixed, after factorial k-means seeding
     joint_train  gamma (5) -> Adam on theta, phi (gamma detached) -> recompute gamma -> SVI
 
 The loop keeps data on the device, draws batches by index, and reads numbers
@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointDir
+from .clustering import factorial_kmeans
 from .model import FMVAE
 from .prior import robbins_monro
 
@@ -37,7 +38,9 @@ class TrainConfig:
     kl_anneal_iters: int = 0          # pretrain: KL weight ramps 0 -> 1 over these iterations
     tau0: float = 2000.0              # SVI step size (tau0 + t)^-kappa
     kappa: float = 0.7
-    init_points: int = 10000          # encodings used for k-means++ seeding
+    init_points: int = 10000          # encodings used for the factorial k-means seeding
+    init_restarts: int = 8            # restarts of factorial k-means (the lowest objective wins)
+    init_rotate: bool = True          # rotate the latent space to the most factorial orientation (I > 1)
     delta: float = 0.0                # weight of the cross-entropy term in (8)
     kl_z_weight: float = 1.0          # initial up-weighting of KL[z] (the paper's 20) ...
     kl_z_anneal_iters: int = 0        # ... annealed linearly to 1 over these iterations
@@ -220,17 +223,26 @@ def encode_all(model: FMVAE, data: TrainData, batch: int = 1000):
 
 def init_prior(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
                fingerprint: str = "", on_log=None, meta: dict | None = None) -> list[dict]:
-    """Seed q(xi) by k-means++ on encodings, then run local step + SVI with the encoder fixed.
+    """Seed q(xi) by factorial k-means on encodings, then run local step + SVI with the encoder fixed.
 
+    With I > 1 the seeding also picks the rotation of the latent space under which the
+    encodings are most factorial (fmvae.clustering) and folds it into the networks
+    (FMVAE.rotate_latent): pre-training's N(0, I) prior left that orientation arbitrary.
     The encoder does not change in this phase, so the training set is encoded once
     and batches are drawn from those encodings: the same updates at a fraction of the cost.
     """
     torch.manual_seed(cfg.seed)
     prior, n_total = model.prior, len(data)
     mu_all, var_all = encode_all(model, data)
-    gen = torch.Generator().manual_seed(cfg.seed)  # (a resumed run then overwrites q(xi) from its checkpoint)
+    gen = torch.Generator().manual_seed(cfg.seed)  # (a resumed run then overwrites the model from its checkpoint)
     pick = torch.randperm(n_total, generator=gen)[:cfg.init_points].to(mu_all.device)
-    prior.init_from_encodings(mu_all[pick], var_all[pick], n_total, gen)
+    clamp = data.labels[pick] if data.labels is not None else None
+    rotation, assignments, _ = factorial_kmeans(mu_all[pick], prior.K, gen, cfg.init_restarts,
+                                                cfg.init_rotate and model.I > 1, clamp=clamp)
+    if cfg.init_rotate and model.I > 1:
+        model.rotate_latent(rotation)
+        mu_all, var_all = encode_all(model, data)
+    prior.init_from_assignments(mu_all[pick], var_all[pick], assignments, n_total)
     encoded = TrainData(torch.cat((mu_all, var_all), dim=-1), lambda t: t, data.labels)
 
     def step_fn(step, enc, labels):

@@ -1,4 +1,4 @@
-"""Stage prior_init: k-means++ seeding, then local step + SVI with the encoder fixed."""
+"""Stage prior_init: factorial k-means seeding (and latent rotation), then local step + SVI with the encoder fixed."""
 from _common import CHECKPOINTS, CURVES, DATA, MODELS, main
 
 from fmvae.pipeline import train_stage

@@ -1,6 +1,7 @@
 """End to end on synthetic factorial data: I = 2 blocks, 3 clusters each, through a fixed random map."""
 import time
 
+import pytest
 import torch
 
 from fmvae.data import factorial_vectors, semi_supervised_labels
@@ -24,15 +25,16 @@ def train(seed, x, labels=None, delta=0.0, pre=800, joint=1500, kl_z_weight=10.0
     return model, history[-1]["elbo"]
 
 
-def test_unsupervised_training_recovers_each_factor():
-    """Fixed seed 0. Unsupervised recovery is seed-sensitive (measured over seeds 0..7: seeds 0 and 7
-    recover both factors at 1.0, seed 4 at 0.89, the others 0.57-0.78 on their worse factor), and
-    neither the training nor a held-out bound singles out the factorised runs. Semi-supervision
-    (next test) makes it reliable."""
+@pytest.mark.parametrize("seed", range(8))
+def test_unsupervised_training_recovers_each_factor(seed):
+    """Every seed of the first eight. Before the latent rotation of prior initialisation
+    (fmvae.clustering.factorial_kmeans) only seeds 0 and 7 did; over seeds 0..23 now 23 reach
+    >= 0.99. In the exception (seed 20) the pre-trained encodings themselves favour a wrong
+    factorisation: the true labels have a higher factorial k-means objective than the one found."""
     start = time.time()
     x, _ = factorial_vectors(3000, seed=0)
     x_test, y_test = factorial_vectors(1000, seed=1)
-    model, _ = train(0, x)
+    model, _ = train(seed, x)
     assignments = evaluate_bound(model, x_test, identity)["assignments"]
     # each true factor is recovered by one model factor, after best one-to-one matching of clusters
     acc = [[matched_accuracy(assignments[:, i], y_test[:, j]) for j in range(2)] for i in range(2)]
