@@ -45,6 +45,8 @@ SCHEMA = {
     "pretrain.kl_anneal_iters": (0, int, _nonneg, ">= 0"),
     "prior_init.iters": (500, int, _nonneg, ">= 0"),
     "prior_init.init_points": (10000, int, _pos, ">= 1"),
+    "prior_init.restarts": (8, int, _pos, ">= 1"),
+    "prior_init.rotate": (True, bool, None, "true or false"),
     "svi.tau0": (10.0, float, _nonneg, ">= 0"),
     "svi.kappa": (0.7, float, lambda v: 0.5 < v <= 1, "in (0.5, 1]"),
     "joint.iters": (2000, int, _nonneg, ">= 0"),
@@ -205,7 +207,9 @@ def train_config(params: dict, phase: str) -> TrainConfig:
     if phase == "pretrain":
         return TrainConfig(iters=params["pretrain"]["iters"], kl_anneal_iters=params["pretrain"]["kl_anneal_iters"], **common)
     if phase == "prior_init":
-        return TrainConfig(iters=params["prior_init"]["iters"], init_points=params["prior_init"]["init_points"], **common)
+        p = params["prior_init"]
+        return TrainConfig(iters=p["iters"], init_points=p["init_points"], init_restarts=p["restarts"],
+                           init_rotate=p["rotate"], **common)
     j = params["joint"]
     return TrainConfig(iters=j["iters"], kl_z_weight=j["kl_z_weight"], kl_z_anneal_iters=j["kl_z_anneal_iters"],
                        delta=params["semi"]["delta"], order=j["order"], **common)
