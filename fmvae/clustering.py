@@ -96,8 +96,9 @@ def _factorial_kmeans_run(x: Tensor, K: Sequence[int], d: int, rotation: Tensor,
         if rotate:
             rotation, settled = _best_rotation([_within_scatter(x, labels[:, i], k) for i, k in enumerate(K)], d,
                                                rotation)
-        centroids = [_centroids(b, labels[:, i], k, b[:k]) for i, (b, k) in enumerate(zip(blocks(x @ rotation), K))]
-        new = keep_clamped(torch.stack([torch.cdist(b, c).argmin(-1) for b, c in zip(blocks(x @ rotation), centroids)], 1))
+        rotated = blocks(x @ rotation)
+        centroids = [_centroids(b, labels[:, i], k, b[:k]) for i, (b, k) in enumerate(zip(rotated, K))]
+        new = keep_clamped(torch.stack([torch.cdist(b, c).argmin(-1) for b, c in zip(rotated, centroids)], 1))
         if settled and torch.equal(new, labels):
             break
         labels = new
@@ -108,9 +109,7 @@ def _factorial_kmeans_run(x: Tensor, K: Sequence[int], d: int, rotation: Tensor,
 def _within_scatter(x: Tensor, labels: Tensor, k: int) -> Tensor:
     """(n, n) within-cluster scatter of x under labels, per point: the k-means objective of any
     projection x P is tr(P^T W P)."""
-    one_hot = nn.functional.one_hot(labels, k).to(x.dtype)
-    means = (one_hot.T @ x) / one_hot.sum(0).clamp(min=1)[:, None]
-    residual = x - means[labels]
+    residual = x - _centroids(x, labels, k, x[:k])[labels]
     return residual.T @ residual / x.shape[0]
 
 
