@@ -8,9 +8,11 @@ spread over several blocks z_i. The factorial mixture prior is not rotation inva
     min over labels k_ni, centroids c_ik, orthogonal R of  sum_n || z_n R - [c_1k_n1 .. c_Ik_nI] ||^2,
 
 so it chooses the orientation in which the encodings look most like a product of
-per-block clusterings, and the clusters to seed q(xi) with. Lloyd steps per block
-alternate with the orthogonal Procrustes step for R (Vichi and Kiers' factorial k-means,
-with the subspace fixed to the whole space). The objective has local optima, hence restarts.
+per-block clusterings, and the clusters to seed q(xi) with. Label steps (nearest centroid
+per block) alternate with the best rotation for those labels, found by descent on the
+orthogonal group (Vichi and Kiers' factorial k-means with the subspace fixed to the whole
+space, but without their Procrustes update, which stalls). The objective has local optima,
+hence restarts and block swaps.
 """
 from __future__ import annotations
 

@@ -237,9 +237,9 @@ def init_prior(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoint
     gen = torch.Generator().manual_seed(cfg.seed)  # (a resumed run then overwrites the model from its checkpoint)
     pick = torch.randperm(n_total, generator=gen)[:cfg.init_points].to(mu_all.device)
     clamp = data.labels[pick] if data.labels is not None else None
-    rotation, assignments, _ = factorial_kmeans(mu_all[pick], prior.K, gen, cfg.init_restarts,
-                                                cfg.init_rotate and model.I > 1, clamp=clamp)
-    if cfg.init_rotate and model.I > 1:
+    rotate = cfg.init_rotate and model.I > 1  # with one block a rotation cannot change the k-means fit
+    rotation, assignments, _ = factorial_kmeans(mu_all[pick], prior.K, gen, cfg.init_restarts, rotate, clamp=clamp)
+    if rotate:
         model.rotate_latent(rotation)
         mu_all, var_all = encode_all(model, data)
     prior.init_from_assignments(mu_all[pick], var_all[pick], assignments, n_total)
