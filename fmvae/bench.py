@@ -1,11 +1,15 @@
-"""Benchmark: `python -m fmvae.bench [--device auto] [--tiny] [--out reports/bench.json]`.
+"""Benchmark: `python -m fmvae.bench [--device auto] [--tiny] [--modes ...] [--out reports/bench.json]`.
 
 Measures, side by side in one run (plain and joint blocks interleaved, warm-up
 excluded, median of the repeats):
   - iterations/s of a plain VAE step (same networks, N(0, I) prior) and of the joint
-    FM-VAE step (local step, Adam step, recompute, SVI step), and their time ratio;
+    FM-VAE step (default order: local step, Adam step, SVI step), and their time ratio;
     28x28 model at I = 1, D = 64, K in {2, 64, 512}; CelebA-shaped model at I = 5,
     D = 64, K = (2, 2, 2, 64, 64) with the semi-supervised term on;
+  - each in the execution modes asked for: "eager" (plain PyTorch), "graph" (the whole
+    iteration replayed from a CUDA graph; CUDA only) and "compiled" (torch.compile of the
+    differentiable part, plus the CUDA graph on CUDA; only at the largest K, to bound
+    compile time), with bf16 autocast off and/or on;
   - evaluation throughput of the bound (11) and of the importance-weighted estimate;
   - peak memory (GPU on CUDA, resident set otherwise).
 """
@@ -21,7 +25,10 @@ import torch
 
 from .evaluate import evaluate_bound, importance_weighted_log_likelihood
 from .model import FMVAE
-from .train import Batcher, TrainConfig, TrainData, joint_step, make_optimizer, pretrain_step
+from .train import Batcher, TrainConfig, TrainData, joint_step, make_runner, pretrain_step, _optimizer
+
+MODES = {"eager": dict(compile=False, cuda_graph=False), "graph": dict(compile=False, cuda_graph=True),
+         "compiled": dict(compile=True, cuda_graph=True)}
 
 
 def _sync(device: torch.device) -> None:
@@ -53,14 +60,14 @@ def _models(arch, x_shape, K, D, device, delta, x, to_float, labels, cfg, n_tota
     gradient = list(range(3)) if delta > 0 else []
     if gradient:
         joint.prior.use_gradient_factors(gradient)
-    p_opt = make_optimizer(plain.network_parameters(), cfg.lr)
+    p_opt = _optimizer(plain.network_parameters(), cfg)
     j_params = joint.network_parameters() + (joint.prior.gradient_parameters() if gradient else [])
-    j_opt = make_optimizer(j_params, cfg.lr)
-    p_step = pretrain_step(plain, p_opt, cfg)
-    j_step = joint_step(joint, j_opt, cfg, n_total, j_params)
-    p_batch = Batcher(TrainData(x, to_float), cfg.batch_size, 0)
-    j_batch = Batcher(TrainData(x, to_float, labels), cfg.batch_size, 0)
-    return plain, joint, (lambda i: p_step(i, *p_batch())), (lambda i: j_step(i, *j_batch()))
+    j_opt = _optimizer(j_params, cfg)
+    p_run = make_runner(pretrain_step(plain, p_opt, cfg), Batcher(TrainData(x, to_float), cfg.batch_size, 0), cfg,
+                        p_opt)
+    j_run = make_runner(joint_step(joint, j_opt, cfg, n_total, j_params),
+                        Batcher(TrainData(x, to_float, labels), cfg.batch_size, 0), cfg, j_opt, joint.prior)
+    return plain, joint, p_run, j_run
 
 
 def _time_side_by_side(steps: dict, iters: int, repeats: int, warmup: int, device) -> dict:
@@ -79,7 +86,7 @@ def _time_side_by_side(steps: dict, iters: int, repeats: int, warmup: int, devic
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_training(model: str, K, args, device) -> dict:
+def bench_training(model: str, K, args, device, mode: str = "eager", bf16: bool = False) -> dict:
     arch, kind, x_shape, D = ("conv28", "binary", (1, 28, 28), 64) if model == "mnist28" else \
         ("conv64", "rgb", (3, 64, 64), 64)
     batch = args.batch_size if not args.tiny else 8
@@ -93,16 +100,19 @@ def bench_training(model: str, K, args, device) -> dict:
         seen = torch.rand(len(x), generator=g) < 0.4
         labels[seen, :3] = torch.randint(0, 2, (int(seen.sum()), 3), generator=g)
         labels = labels.to(device)
-    cfg = TrainConfig(iters=0, batch_size=batch, lr=1e-4, delta=delta, amp=args.bf16, tau0=2000.0, kappa=0.7)
+    cfg = TrainConfig(iters=0, batch_size=batch, lr=1e-4, delta=delta, amp=bf16, tau0=2000.0, kappa=0.7,
+                      **MODES[mode])
+    if cfg.compile:
+        torch._dynamo.reset()  # each configuration compiles afresh, never past dynamo's recompile limit
     plain, joint, p_step, j_step = _models(arch, x_shape, K, D, device, delta, x, to_float, labels, cfg, n_total)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     iters = args.celeba_iters if model == "celeba64" and args.celeba_iters else args.iters
     t = _time_side_by_side({"plain": p_step, "joint": j_step}, iters, args.repeats, args.warmup, device)
     row = {"model": model, "K": K if isinstance(K, int) else list(K), "device": str(device), "batch": batch,
-           "plain_it_s": 1 / t["plain"], "joint_it_s": 1 / t["joint"], "ratio": t["joint"] / t["plain"],
-           "peak_memory_mb": _peak_memory_mb(device), "bf16": args.bf16}
-    if model == "mnist28" and K == max(args.mnist_K):
+           "mode": mode, "bf16": bf16, "plain_it_s": 1 / t["plain"], "joint_it_s": 1 / t["joint"],
+           "ratio": t["joint"] / t["plain"], "peak_memory_mb": _peak_memory_mb(device)}
+    if model == "mnist28" and K == max(args.mnist_K) and mode == args.modes[0] and bf16 == args.bf16[0]:
         n_eval = args.eval_points if not args.tiny else 64
         xe = x[:n_eval] if n_eval <= len(x) else x[torch.randint(len(x), (n_eval,), device=device)]
         for name, fn in (("eval_images_s", lambda: evaluate_bound(joint, xe, to_float, batch=1000)),
@@ -118,7 +128,34 @@ def bench_training(model: str, K, args, device) -> dict:
     return row
 
 
-def main(argv=None) -> list[dict]:
+def plan(args, device) -> list[tuple]:
+    """(model, K, mode, bf16) of every row: "graph" only on CUDA, "compiled" only at the largest K."""
+    modes = [m for m in args.modes if m != "graph" or device.type == "cuda"]
+    rows = [("mnist28", k, m, b) for k in args.mnist_K for m in modes for b in args.bf16
+            if m != "compiled" or k == max(args.mnist_K)]
+    if not args.no_celeba:
+        rows += [("celeba64", (2, 2, 2, 64, 64), m, b) for m in modes if m != "compiled" for b in args.bf16]
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'model':9} {'K':>18} {'mode':>8} {'bf16':>5} {'plain it/s':>11} {'joint it/s':>11} {'ratio':>6} "
+             f"{'peak MB':>8}"]
+    for r in rows:
+        head = f"{r['model']:9} {str(r['K']):>18} {r['mode']:>8} {str(r['bf16']):>5}"
+        if "error" in r:
+            lines.append(f"{head} failed: {r['error'][:120]}")
+            continue
+        lines.append(f"{head} {r['plain_it_s']:11.1f} {r['joint_it_s']:11.1f} {r['ratio']:6.3f} "
+                     f"{r['peak_memory_mb']:8.0f}")
+    for r in rows:
+        if "eval_images_s" in r:
+            lines.append(f"evaluation of bound (11): {r['eval_images_s']:.0f} images/s; "
+                         f"IWAE with {r['iw_samples']} samples: {r['iwae_images_s']:.1f} images/s")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--iters", type=int, default=20, help="iterations per timed block")
@@ -130,27 +167,44 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--no-celeba", action="store_true", help="skip the CelebA-shaped model")
     p.add_argument("--eval-points", type=int, default=10000)
     p.add_argument("--iw-samples", type=int, default=100)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the networks (prior stays float32)")
+    p.add_argument("--modes", nargs="+", default=["eager", "graph"], choices=list(MODES),
+                   help="execution modes (graph: CUDA only; compiled: at the largest K only)")
+    p.add_argument("--bf16", nargs="+", default=["off"], choices=["off", "on"],
+                   help="bf16 autocast for the networks, off and/or on (the prior stays float32)")
     p.add_argument("--tiny", action="store_true", help="a few iterations at batch 8: checks that it runs")
     p.add_argument("--out", default="reports/bench.json")
-    args = p.parse_args(argv)
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def run(args) -> list[dict]:
     if args.tiny:
-        args.iters, args.celeba_iters, args.repeats, args.warmup = 2, 2, 1, 1
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+        args.iters, args.celeba_iters, args.repeats, args.warmup = 2, 2, 1, 4
+    args.bf16 = [b == "on" if isinstance(b, str) else b for b in args.bf16]
+    device = resolve_device(args.device)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    rows = [bench_training("mnist28", k, args, device) for k in args.mnist_K]
-    if not args.no_celeba:
-        rows.append(bench_training("celeba64", (2, 2, 2, 64, 64), args, device))
-    print(f"{'model':9} {'K':>18} {'device':>7} {'plain it/s':>11} {'joint it/s':>11} {'ratio':>6} {'peak MB':>8}")
-    for r in rows:
-        print(f"{r['model']:9} {str(r['K']):>18} {r['device']:>7} {r['plain_it_s']:11.1f} {r['joint_it_s']:11.1f} "
-              f"{r['ratio']:6.3f} {r['peak_memory_mb']:8.0f}")
-    for r in rows:
-        if "eval_images_s" in r:
-            print(f"evaluation of bound (11): {r['eval_images_s']:.0f} images/s; "
-                  f"IWAE with {r['iw_samples']} samples: {r['iwae_images_s']:.1f} images/s")
+        torch.backends.cudnn.benchmark = True  # convolutions of fixed shapes: pick the fastest kernels once
+    rows = []
+    for model, k, mode, bf16 in plan(args, device):
+        try:
+            rows.append(bench_training(model, k, args, device, mode, bf16))
+        except Exception as err:  # one failing mode (a capture or compile error) must not hide the others
+            msg = f"{type(err).__name__}: {err}"
+            print(f"bench: {model} K={k} {mode} bf16={bf16} failed: {msg[:500]}", flush=True)
+            rows.append({"model": model, "K": k if isinstance(k, int) else list(k), "mode": mode, "bf16": bf16,
+                         "device": str(device), "error": msg})
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    args = parser().parse_args(argv)
+    rows = run(args)
+    print(format_table(rows))
     out = Path(args.out)
     from .checkpoint import atomic_write_json
     atomic_write_json(out, rows)

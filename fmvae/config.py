@@ -18,7 +18,7 @@ import yaml
 from .data import DATASETS, Dataset
 from .model import FMVAE
 from .prior import Hyperprior
-from .train import TrainConfig
+from .train import ORDERS, TrainConfig
 
 _pos = lambda v: v > 0
 _nonneg = lambda v: v >= 0
@@ -41,6 +41,8 @@ SCHEMA = {
     "train.checkpoint_every_s": (120.0, float, _nonneg, ">= 0"),
     "train.nan_policy": ("stop", str, lambda v: v in ("stop", "skip"), "stop or skip"),
     "train.bf16": (False, bool, None, "true or false"),
+    "train.compile": (False, bool, None, "true or false (torch.compile the differentiable part of each step)"),
+    "train.cuda_graph": (True, bool, None, "true or false (on CUDA: replay each iteration from a CUDA graph)"),
     "pretrain.iters": (1000, int, _nonneg, ">= 0"),
     "pretrain.kl_anneal_iters": (0, int, _nonneg, ">= 0"),
     "prior_init.iters": (500, int, _nonneg, ">= 0"),
@@ -52,7 +54,7 @@ SCHEMA = {
     "joint.iters": (2000, int, _nonneg, ">= 0"),
     "joint.kl_z_weight": (1.0, float, _pos, "> 0"),
     "joint.kl_z_anneal_iters": (0, int, _nonneg, ">= 0"),
-    "joint.order": ("fused", str, lambda v: v in ("fused", "paper"), "fused or paper"),
+    "joint.order": ("reuse", str, lambda v: v in ORDERS, "one of " + ", ".join(ORDERS)),
     "semi.delta": (0.0, float, _nonneg, ">= 0"),
     "semi.fraction": (0.0, float, _unit, "in [0, 1]"),
     "evaluate.recon_samples": (1, int, _pos, ">= 1"),
@@ -203,7 +205,7 @@ def train_config(params: dict, phase: str) -> TrainConfig:
     t, s = params["train"], params["svi"]
     common = dict(batch_size=t["batch_size"], lr=t["lr"], seed=params["seed"], log_every=t["log_every"],
                   checkpoint_every_s=t["checkpoint_every_s"], nan_policy=t["nan_policy"], tau0=s["tau0"],
-                  kappa=s["kappa"], amp=t["bf16"])
+                  kappa=s["kappa"], amp=t["bf16"], compile=t["compile"], cuda_graph=t["cuda_graph"])
     if phase == "pretrain":
         return TrainConfig(iters=params["pretrain"]["iters"], kl_anneal_iters=params["pretrain"]["kl_anneal_iters"], **common)
     if phase == "prior_init":

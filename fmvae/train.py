@@ -5,7 +5,10 @@
     joint_train  gamma (5) -> Adam on theta, phi (gamma detached) -> recompute gamma -> SVI
 
 The loop keeps data on the device, draws batches by index, and reads numbers
-back to the host only every `log_every` steps. It checkpoints at those moments
+back to the host only every `log_every` steps. With `compile` the differentiable
+part of a step runs through torch.compile; with `cuda_graph` on a CUDA device the
+whole iteration (batch gather, forward, backward, Adam, SVI) is captured once in a
+CUDA graph and replayed, so a step costs one launch and no host synchronisation. It checkpoints at those moments
 (never in between, so a checkpoint always follows a finiteness check) at most
 every `checkpoint_every_s` seconds, and resumes from the newest good checkpoint
 whose fingerprint matches.
@@ -46,7 +49,9 @@ class TrainConfig:
     kl_z_anneal_iters: int = 0        # ... annealed linearly to 1 over these iterations
     nan_policy: str = "stop"          # "stop": raise on a non-finite term; "skip": drop that batch
     amp: bool = False                 # bf16 autocast for the networks (the prior's math stays float32)
-    order: str = "fused"              # joint step: "paper" (Adam, re-encode, SVI) or "fused" (SVI, Adam); see joint_step
+    order: str = "reuse"              # joint step: "reuse", "paper" or "fused"; see joint_step
+    compile: bool = False             # torch.compile the differentiable part of each step
+    cuda_graph: bool = True           # on CUDA: capture the whole iteration in a CUDA graph (nan_policy "stop")
     progress: bool = True
 
 
@@ -75,10 +80,80 @@ class Batcher:
         self.data, self.batch_size = data, batch_size
         self.generator = torch.Generator(device=data.x.device).manual_seed(seed)
 
-    def __call__(self):
-        idx = torch.randint(len(self.data), (self.batch_size,), device=self.data.x.device, generator=self.generator)
+    def draw(self) -> torch.Tensor:
+        return torch.randint(len(self.data), (self.batch_size,), device=self.data.x.device, generator=self.generator)
+
+    def gather(self, idx: torch.Tensor):
         labels = None if self.data.labels is None else self.data.labels[idx]
         return self.data.to_float(self.data.x[idx]), labels
+
+    def __call__(self):
+        return self.gather(self.draw())
+
+
+class EagerStep:
+    """One iteration as plain PyTorch calls: draw a batch, run step_fn(step, x, labels)."""
+
+    def __init__(self, step_fn, batcher: Batcher):
+        self.step_fn, self.batcher = step_fn, batcher
+
+    def __call__(self, step: int):
+        return self.step_fn(step, *self.batcher())
+
+
+class GraphedStep:
+    """The whole iteration captured once in a CUDA graph and replayed (CUDA only).
+
+    The batch indices are drawn outside the graph (the batcher's generator) into a static
+    buffer, and the step number is a device scalar, so the graph replays the same kernels
+    on new data with no host round trip. The first `warmup` iterations run eagerly on a
+    side stream (they are real training steps), as CUDA graph capture requires; the
+    optimizer must be `capturable`. The prior's cached statistics are invalidated around
+    the capture so that every replay recomputes them from the current q(xi).
+    """
+
+    def __init__(self, step_fn, batcher: Batcher, optimizer=None, prior=None, warmup: int = 3):
+        self.step_fn, self.batcher, self.optimizer, self.prior, self.warmup = step_fn, batcher, optimizer, prior, warmup
+        device = batcher.data.x.device
+        self.idx = torch.zeros(batcher.batch_size, dtype=torch.long, device=device)
+        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.graph, self.out, self.calls = None, None, 0
+
+    def _body(self):
+        return self.step_fn(self.step, *self.batcher.gather(self.idx))
+
+    def __call__(self, step: int):
+        self.idx.copy_(self.batcher.draw())
+        self.step.fill_(step)
+        if self.graph is None and self.calls < self.warmup:
+            self.calls += 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self._body()
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            if self.optimizer is not None:
+                self.optimizer.zero_grad(set_to_none=True)  # backward allocates grads inside the graph's pool
+            if self.prior is not None:
+                self.prior.invalidate_stats()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._body()
+        self.graph.replay()
+        return self.out
+
+    def close(self) -> None:
+        if self.prior is not None:  # the cache points at the graph's buffers; recompute outside it
+            self.prior.invalidate_stats()
+
+
+def make_runner(step_fn, batcher: Batcher, cfg: TrainConfig, optimizer=None, prior=None):
+    """EagerStep, or GraphedStep where cfg.cuda_graph applies (CUDA, nan_policy "stop")."""
+    if cfg.cuda_graph and batcher.data.x.is_cuda and cfg.nan_policy == "stop":
+        return GraphedStep(step_fn, batcher, optimizer, prior)
+    return EagerStep(step_fn, batcher)
 
 
 def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher, optimizer,
@@ -86,7 +161,8 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
           meta: dict | None = None) -> list[dict]:
     """Run step_fn(step, x, labels) -> {term: 0-d tensor} for cfg.iters steps with logging,
     checks, checkpoints and resume. log_extras(row) adds terms computed once per log interval.
-    Returns the logged rows (the training curve)."""
+    Returns the logged rows (the training curve). step is an int, or a device scalar when the
+    iteration is graphed: step_fn must treat it with the helpers below (ramp)."""
     start, history, skipped = 0, [], 0
     state = ckpt.latest() if ckpt is not None else None
     if state is not None and state.get("fingerprint") == fingerprint:
@@ -118,11 +194,11 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=phase, disable=not cfg.progress,
                mininterval=1.0, dynamic_ncols=True)
     t0 = time.monotonic()
+    runner = make_runner(step_fn, batcher, cfg, optimizer, model.prior)
     for step in bar:
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        x, labels = batcher()
-        terms = step_fn(step, x, labels)
+        terms = runner(step)
         if terms is None:  # a skipped batch (nan_policy == "skip")
             skipped += 1
         else:
@@ -154,6 +230,8 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
             if not last and time.monotonic() - last_save >= cfg.checkpoint_every_s:
                 save(step + 1)
                 last_save = time.monotonic()
+    if isinstance(runner, GraphedStep):
+        runner.close()
     save(cfg.iters)
     bar.close()
     if cfg.progress and history:
@@ -163,9 +241,27 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
     return history
 
 
-def make_optimizer(params, lr: float):
-    fused = all(p.is_cuda for p in params)
-    return torch.optim.Adam(params, lr=lr, fused=fused or None)
+def make_optimizer(params, lr: float, capturable: bool = False):
+    """Adam, fused on CUDA; `capturable` keeps its step counter on the device (CUDA graphs)."""
+    if all(p.is_cuda for p in params):
+        return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def _optimizer(params, cfg: TrainConfig):
+    return make_optimizer(params, cfg.lr, capturable=cfg.cuda_graph and all(p.is_cuda for p in params))
+
+
+def ramp(step, n: int):
+    """min(1, (step + 1) / n) for an int or a device scalar step (graphed iterations)."""
+    if isinstance(step, torch.Tensor):
+        return ((step + 1).float() / n).clamp(max=1.0)
+    return min(1.0, (step + 1) / n)
+
+
+def _compiled(fn, cfg: TrainConfig):
+    """fn through torch.compile (Inductor, static shapes: batches never change size) when asked."""
+    return torch.compile(fn, dynamic=False) if cfg.compile else fn
 
 
 def _skip_batch(cfg: TrainConfig, *tensors: torch.Tensor) -> bool:
@@ -174,7 +270,8 @@ def _skip_batch(cfg: TrainConfig, *tensors: torch.Tensor) -> bool:
 
 
 def _autocast(x: torch.Tensor, cfg: TrainConfig):
-    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp)
+    # no weight-cast cache: it is incompatible with CUDA graph capture, and each weight is cast once a pass
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp, cache_enabled=False)
 
 
 # ----------------------------------------------------------------- phase 1
@@ -182,11 +279,16 @@ def pretrain_step(model: FMVAE, opt, cfg: TrainConfig):
     """One step of E_q[log p(x|z)] - w_t KL[q(z|x) || N(0, I)] ascent (also the benchmark's plain VAE step)."""
     params = model.network_parameters()
 
-    def step_fn(step, x, _):
+    def forward(x, w):
         with _autocast(x, cfg):
             recon, kl = model.vae_bound(x)
-        w = min(1.0, (step + 1) / cfg.kl_anneal_iters) if cfg.kl_anneal_iters else 1.0
-        loss = -(recon - w * kl).mean()
+        return -(recon - w * kl).mean(), recon, kl
+
+    forward = _compiled(forward, cfg)
+
+    def step_fn(step, x, _):
+        w = ramp(step, cfg.kl_anneal_iters) if cfg.kl_anneal_iters else 1.0
+        loss, recon, kl = forward(x, _as_weight(w, x))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if _skip_batch(cfg, loss):
@@ -204,7 +306,7 @@ def pretrain(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDi
              fingerprint: str = "", on_log=None, meta: dict | None = None) -> list[dict]:
     """Fit theta, phi under a N(0, I) prior, the KL weight ramped 0 -> 1 over cfg.kl_anneal_iters."""
     torch.manual_seed(cfg.seed)
-    opt = make_optimizer(model.network_parameters(), cfg.lr)
+    opt = _optimizer(model.network_parameters(), cfg)
     return _loop("pretrain", model, pretrain_step(model, opt, cfg), cfg, Batcher(data, cfg.batch_size, cfg.seed),
                  opt, ckpt, fingerprint, on_log, meta=meta)
 
@@ -264,35 +366,62 @@ def _validity(prior) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- phase 3
-def kl_z_weight(step: int, cfg: TrainConfig) -> float:
+def kl_z_weight(step, cfg: TrainConfig):
+    """The paper's KL[z] up-weighting, annealed linearly to 1; step an int or a device scalar."""
     if not cfg.kl_z_anneal_iters:
         return cfg.kl_z_weight
+    if isinstance(step, torch.Tensor):
+        return 1.0 + (cfg.kl_z_weight - 1.0) * (1.0 - step.float() / cfg.kl_z_anneal_iters).clamp(min=0.0)
     return 1.0 + (cfg.kl_z_weight - 1.0) * max(0.0, 1.0 - step / cfg.kl_z_anneal_iters)
 
 
-def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
-    """One joint iteration (2.4), in one of two orders of the same block-coordinate ascent.
+def _as_weight(w, x: torch.Tensor):
+    """A loss weight for `forward`. A graphed step passes a device scalar already. Otherwise on CPU
+    it becomes a tensor, so a compiled step sees a changing value as data, not as a constant to
+    recompile for; on CUDA it stays a float (a host tensor there would cost a copy per step)."""
+    if isinstance(w, torch.Tensor) or x.is_cuda:
+        return w
+    return torch.tensor(float(w))
 
-    "paper":  gamma (5) -> Adam on theta, phi (gamma detached) -> re-encode the batch under the
-              new phi, recompute gamma -> SVI step on q(xi).
-    "fused":  encode -> gamma -> SVI step on q(xi) -> recompute gamma under the new q(xi) from the
-              same encodings -> Adam on theta, phi.
-    Each block is updated with the freshest value of the other in both; "fused" is "paper" with
-    the SVI step taking the next (i.i.d.) batch, encoded under the same phi the paper would use,
-    and it saves one encoder pass per iteration. The Adam step includes the cross-entropy (8)
-    and, for gradient factors, their prior parameters.
+
+ORDERS = ("reuse", "paper", "fused")
+
+
+def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
+    """One joint iteration (2.4), in one of three orders of the same block-coordinate ascent.
+
+    "paper":  gamma (5) under q_t -> Adam on theta, phi (gamma detached) -> re-encode the batch
+              under the new phi, recompute gamma -> SVI step on q(xi).
+    "reuse":  as "paper", but the SVI step reuses the Adam pass's encodings and gamma (the batch
+              encoded under phi before its Adam step): the same Adam step as "paper", exactly,
+              one encoder pass fewer. The default.
+    "fused":  encode -> gamma -> SVI step on q(xi) -> gamma under the new q(xi) -> Adam. Biased:
+              each point is scored against a q(xi) that already holds it with weight rho N / |B|,
+              which pulls the prior towards the batch and shrinks KL[z]'s gradient. Kept only to
+              reproduce the comparison in the README.
+    The Adam step includes the cross-entropy (8) and, for gradient factors, their prior
+    parameters. The differentiable part (encode, bound, loss) is `forward`, which
+    cfg.compile sends through torch.compile; q(xi)'s statistics enter it as inputs.
     """
     prior = model.prior
     rho = lambda: robbins_monro(prior.svi_steps, cfg.tau0, cfg.kappa)
 
-    def svi(mu, var, labels, stats=None):
-        with torch.no_grad():
-            st = prior.local_step(mu.detach(), var.detach(), labels, stats)
-            prior.svi_step(mu.detach(), var.detach(), st.gamma, n_total, rho())
-
-    def adam(x, labels, step, terms):
+    def loss_terms(x, mu, logvar, labels, stats, w):
+        with _autocast(x, cfg):
+            terms = model.bound_from_encodings(x, mu, logvar, labels, stats=stats)
         kl_z, kl_r = terms.kl_z.sum(-1), terms.kl_r.sum(-1)
-        loss = -(terms.recon - kl_z_weight(step, cfg) * kl_z - kl_r).mean() + cfg.delta * terms.ce.mean()
+        loss = -(terms.recon - w * kl_z - kl_r).mean() + cfg.delta * terms.ce.mean()
+        return loss, terms.recon, kl_z, kl_r, terms.ce, terms.step.gamma
+
+    def encode_and_loss(x, labels, stats, w):
+        with _autocast(x, cfg):
+            mu, logvar = model.encode(x)
+        return (mu, logvar) + loss_terms(x, mu, logvar, labels, stats, w)
+
+    forward = _compiled(encode_and_loss if cfg.order != "fused" else loss_terms, cfg)
+
+    def adam(loss):
+        """The theta, phi (and gradient factors') step; returns the gradient's max norm, None if skipped."""
         if prior.has_gradient_factors:  # (4d)-(4e) only have gradients for the gradient factors
             loss = loss + prior.global_kl() / n_total
         opt.zero_grad(set_to_none=True)
@@ -302,37 +431,59 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
             return None
         grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
         opt.step()
-        return {"bound": (terms.recon - kl_z - kl_r).mean().detach(), "recon": terms.recon.mean().detach(),
-                "kl_z": kl_z.mean().detach(), "kl_r": kl_r.mean().detach(), "ce": terms.ce.mean().detach(),
+        return grad_norm
+
+    def report(recon, kl_z, kl_r, ce, grad_norm):
+        return {"bound": (recon - kl_z - kl_r).mean().detach(), "recon": recon.mean().detach(),
+                "kl_z": kl_z.mean().detach(), "kl_r": kl_r.mean().detach(), "ce": ce.mean().detach(),
                 "grad_norm": grad_norm}
+
+    def svi(mu, var, gamma):
+        with torch.no_grad():
+            prior.svi_step(mu.detach(), var.detach(), gamma, n_total, rho())
 
     def paper(step, x, labels):
         stats = prior.stats()  # lambda changes only in the SVI step, after its last use
-        with _autocast(x, cfg):
-            terms = model.bound(x, labels, stats=stats)
-        out = adam(x, labels, step, terms)
-        if out is None:
+        _, _, loss, recon, kl_z, kl_r, ce, _ = forward(x, labels, stats, _as_weight(kl_z_weight(step, cfg), x))
+        grad_norm = adam(loss)
+        if grad_norm is None:
             return None
         with torch.no_grad(), _autocast(x, cfg):
             mu, logvar = model.encode(x)
-        svi(mu, logvar.exp(), labels, None if prior.has_gradient_factors else stats)
-        return {"natural_params": _validity(prior)} | out
+            var = logvar.exp()
+            st = prior.local_step(mu, var, labels, None if prior.has_gradient_factors else stats)
+        svi(mu, var, st.gamma)
+        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm)
+
+    def reuse(step, x, labels):
+        stats = prior.stats()
+        mu, logvar, loss, recon, kl_z, kl_r, ce, gamma = forward(x, labels, stats,
+                                                                 _as_weight(kl_z_weight(step, cfg), x))
+        grad_norm = adam(loss)
+        if grad_norm is None:
+            return None
+        # gamma of an SVI factor depends only on that factor's q, which the Adam step left alone
+        svi(mu, logvar.exp(), gamma)
+        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm)
 
     def fused(step, x, labels):
         with _autocast(x, cfg):
             mu, logvar = model.encode(x)
-            var = logvar.exp()
-            if _skip_batch(cfg, mu, var):
-                return None  # the SVI step comes first here: never let a bad batch reach q(xi)
-            svi(mu, var, labels)
-            valid = _validity(prior)
-            terms = model.bound_from_encodings(x, mu, logvar, labels)
-        out = adam(x, labels, step, terms)
-        return None if out is None else {"natural_params": valid} | out
+        var = logvar.exp()
+        if _skip_batch(cfg, mu, var):
+            return None  # the SVI step comes first here: never let a bad batch reach q(xi)
+        with torch.no_grad():
+            svi(mu, var, prior.local_step(mu.detach(), var.detach(), labels).gamma)
+        stats = prior.stats()
+        loss, recon, kl_z, kl_r, ce, _ = forward(x, mu, logvar, labels, stats, _as_weight(kl_z_weight(step, cfg), x))
+        grad_norm = adam(loss)
+        if grad_norm is None:
+            return None
+        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm)
 
-    if cfg.order not in ("paper", "fused"):
-        raise ValueError(f"joint.order: {cfg.order!r}, choose paper or fused")
-    return paper if cfg.order == "paper" else fused
+    if cfg.order not in ORDERS:
+        raise ValueError(f"joint.order: {cfg.order!r}, choose one of {', '.join(ORDERS)}")
+    return {"paper": paper, "reuse": reuse, "fused": fused}[cfg.order]
 
 
 def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
@@ -348,7 +499,7 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     if cfg.delta > 0 and gradient_factors:
         prior.use_gradient_factors(gradient_factors)
     params = model.network_parameters() + (prior.gradient_parameters() if prior.has_gradient_factors else [])
-    opt = make_optimizer(params, cfg.lr)
+    opt = _optimizer(params, cfg)
 
     def log_extras(row):
         with torch.no_grad():

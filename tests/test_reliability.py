@@ -145,7 +145,7 @@ def test_invalid_natural_parameters_are_named(tmp_path, monkeypatch):
         joint_train(model, data, cfg)
 
 
-@pytest.mark.parametrize("order", ["fused", "paper"])
+@pytest.mark.parametrize("order", ["reuse", "fused", "paper"])
 def test_skip_policy_drops_bad_batches_and_counts_them(order):
     model, data = vector_model_and_data(bad_row=7)
     cfg = TrainConfig(iters=100, batch_size=32, lr=1e-3, log_every=50, progress=False, nan_policy="skip",

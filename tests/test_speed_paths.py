@@ -55,13 +55,13 @@ def test_bf16_autocast_step_matches_the_float32_step():
     assert model.prior.lam.dtype == torch.float64
 
 
-def test_fused_and_paper_orders_train_equally_well():
+def test_the_three_orders_train_equally_well():
     x, y = factorial_vectors(3000, seed=0)
     x_test, y_test = factorial_vectors(1000, seed=1)
     labels = semi_supervised_labels(y, 0.1, 2, seed=0)
     results = {}
     import test_end_to_end as e2e
-    for order in ("fused", "paper"):
+    for order in ("reuse", "fused", "paper"):
         common = copy.deepcopy(e2e.COMMON)
         e2e.COMMON["order"] = order
         try:
@@ -73,4 +73,4 @@ def test_fused_and_paper_orders_train_equally_well():
         results[order] = (r["elbo"], [supervised_accuracy(r["assignments"][:, i], y_test[:, i]) for i in range(2)])
     for order, (elbo, acc) in results.items():
         assert min(acc) >= 0.95, (order, acc)
-    assert abs(results["fused"][0] - results["paper"][0]) < 1.0, results
+    assert max(r[0] for r in results.values()) - min(r[0] for r in results.values()) < 1.0, results

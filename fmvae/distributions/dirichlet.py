@@ -28,7 +28,7 @@ def mean_pi(c: Tensor, mask: Tensor | None = None) -> Tensor:
 def kl_dirichlet(c: Tensor, c0: float, mask: Tensor | None = None) -> Tensor:
     """KL[Dir(c) || Dir(c0 * 1)] over the last dimension (K = number of real components)."""
     k = c.new_full(c.shape[:-1], c.shape[-1]) if mask is None else mask.sum(-1).to(c.dtype)
-    c0 = torch.as_tensor(c0, dtype=c.dtype, device=c.device)
+    c0 = c.new_full((), c0)  # a fill, not a host copy (CUDA graphs)
     c_sum = _masked_sum(c, mask)
     per_k = -torch.lgamma(c) + (c - c0) * (digamma(c) - digamma(c_sum).unsqueeze(-1))
     return torch.lgamma(c_sum) + _masked_sum(per_k, mask) - torch.lgamma(k * c0) + k * torch.lgamma(c0)

@@ -89,7 +89,7 @@ def kl_normal_gamma(m, s, a, b, m0, s0, a0, b0) -> Tensor:
     gamma_part = (
         a0 * torch.log(b / b0)
         - torch.lgamma(a)
-        + torch.lgamma(torch.as_tensor(a0, dtype=a.dtype, device=a.device))
+        + torch.lgamma(a.new_full((), a0))  # new_full, not as_tensor: no host copy (CUDA graphs)
         + (a - a0) * digamma(a)
         - (b - b0) * a / b
     )

@@ -1,0 +1,300 @@
+"""The prepared GPU check: `python -m fmvae.gpu_check --data DIR --out OUT_DIR [--budget-s S] [--tiny]`.
+
+One process, no dvc, no ray, no network. On the GPU at hand it
+  1. prints the device, torch version and the benchmark table (fmvae.bench: plain vs joint
+     step; eager, CUDA graph and compiled; bf16 off and on; K = 2, 64, 512; CelebA-shaped);
+  2. trains binarised MNIST (read from DIR: the mirror's three MAT files) with the
+     `mnist_paper` preset (I = 1, K = 512, D = 64, batch 64, Adam 1e-4, tau0 = 2000,
+     kappa = 0.7; 1e5 + 2e4 + 2e5 iterations) through the fastest step the benchmark found,
+     scaling the three phases down by one factor when the full schedule would not fit
+     the training budget (said, and recorded);
+  3. evaluates the test bound (11) with its parts, IWAE (1000 samples on 1000 test points),
+     components in use, and draws the Figure 4 and sample-grid figures;
+  4. writes metrics.json, bench.json, the curves, the figures and summary.md into OUT_DIR
+     (each file as soon as it exists, so a run cut short still leaves what it finished),
+     and prints the summary last.
+`--tiny` runs the same code path on the CPU in seconds (a test does).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import bench, config, data as data_mod, evaluate as ev
+from .checkpoint import atomic_write_json, atomic_write_text
+from .pipeline import write_curve
+from .train import ORDERS, TrainData, init_prior, joint_train, pretrain
+
+PRESET = Path(__file__).resolve().parent.parent / "presets" / "mnist_paper.yaml"
+PAPER_ELBO = -85.77  # binarised MNIST, K = 512 (Figure 3)
+PHASES = (("pretrain", pretrain), ("prior_init", init_prior), ("joint", joint_train))
+
+
+def log(msg: str) -> None:
+    print(f"[gpu_check {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env |= {"gpu": p.name, "gpu_memory_gb": round(p.total_memory / 2 ** 30, 1), "sm_count": p.multi_processor_count,
+                "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    else:
+        env["gpu"] = "none (CPU)"
+    return env
+
+
+def run_bench(args, device, out: Path, compile_bf16: bool = False) -> list[dict]:
+    """bench's table: eager and graph with bf16 off and on; compiled (at K = 512) in float32 only
+    unless asked, since every compiled configuration costs its own compilation."""
+    b = bench.parser().parse_args([])
+    b.device, b.tiny = str(device), args.tiny
+    b.modes = ["eager", "graph"]
+    b.bf16 = ["off", "on"] if device.type == "cuda" else ["off"]
+    b.iters, b.repeats, b.warmup, b.celeba_iters = 50, 5, 10, 10
+    b.eval_points, b.iw_samples = 10000, 100
+    if args.tiny:
+        b.mnist_K, b.no_celeba, b.bf16 = [2, 16], True, ["off"]
+    rows = bench.run(b)
+    if not args.no_compile and not args.tiny:
+        c = bench.parser().parse_args([])
+        vars(c).update(vars(b))
+        c.modes, c.mnist_K, c.no_celeba = ["compiled"], [max(b.mnist_K)], True
+        c.bf16 = ["off", "on"] if compile_bf16 else ["off"]
+        rows += bench.run(c)
+    atomic_write_json(out / "bench.json", rows)
+    atomic_write_text(out / "bench.txt", bench.format_table(rows) + "\n")
+    print(bench.format_table(rows), flush=True)
+    return rows
+
+
+def fastest_mode(rows: list[dict], device) -> str:
+    """The mode with the most joint it/s at the largest K in float32 (bf16 changes the numbers)."""
+    mnist = [r for r in rows if r["model"] == "mnist28" and not r["bf16"] and "error" not in r]
+    if not mnist:
+        return "graph" if device.type == "cuda" else "eager"
+    k = max(r["K"] for r in mnist)
+    return max((r for r in mnist if r["K"] == k), key=lambda r: r["joint_it_s"])["mode"]
+
+
+def schedule(params: dict, rates: dict, budget_s: float) -> tuple[dict, float]:
+    """Iterations per phase: the preset's, scaled down by one factor if their predicted time exceeds budget_s."""
+    full = {"pretrain": params["pretrain"]["iters"], "prior_init": params["prior_init"]["iters"],
+            "joint": params["joint"]["iters"]}
+    predicted = sum(n / rates[p] for p, n in full.items())
+    scale = min(1.0, budget_s / predicted)
+    return {p: max(1, int(n * scale)) for p, n in full.items()}, scale
+
+
+def train_phase(name, fn, model, data, cfg, out: Path) -> tuple[list[dict], dict]:
+    """One phase in the chosen mode; if that mode fails, the phase is rerun eagerly from the same start."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start = time.perf_counter()
+    info = {"mode": "compiled" if cfg.compile else ("graph" if cfg.cuda_graph else "eager"), "iters": cfg.iters}
+    try:
+        history = fn(model, data, cfg)
+    except Exception as err:  # a capture or compile failure must not cost the whole check
+        info["error"] = f"{type(err).__name__}: {err}"
+        log(f"{name}: {info['mode']} failed ({info['error'][:300]}); rerunning eagerly")
+        traceback.print_exc()
+        model.load_state_dict(before)
+        cfg = dataclasses.replace(cfg, compile=False, cuda_graph=False)
+        info["mode"] = "eager (fallback)"
+        start = time.perf_counter()
+        history = fn(model, data, cfg)
+    if data.x.is_cuda:
+        torch.cuda.synchronize()
+    info["wall_s"] = time.perf_counter() - start
+    info["it_s"] = cfg.iters / info["wall_s"]
+    write_curve(history, out / f"curve_{name}.csv")
+    log(f"{name}: {cfg.iters} iterations in {info['wall_s']:.1f} s ({info['it_s']:.0f} it/s, {info['mode']})")
+    return history, info
+
+
+def compare_orders(args, params, ds, device, mode: str, out: Path) -> list[dict]:
+    """Joint training in each order from one shared pre-trained and initialised model: same seed,
+    same iterations; test ELBO, its parts and it/s per order (orders.json, orders.md)."""
+    pre, init, joint = args.orders_iters
+    torch.manual_seed(params["seed"])
+    model = config.build_model(params, ds).to(device)
+    data = TrainData(ds.x_train.to(device), ds.to_float)
+    flags = bench.MODES[mode]
+    for name, fn, n in (("pretrain", pretrain, pre), ("prior_init", init_prior, init)):
+        cfg = dataclasses.replace(config.train_config(params, name), iters=n, progress=False, checkpoint_every_s=1e9,
+                                  log_every=max(1, n // 20), **flags)
+        if name == "pretrain":
+            cfg = dataclasses.replace(cfg, kl_anneal_iters=max(1, n // 10))
+        train_phase(name, fn, model, data, cfg, out)
+    start_state = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = []
+    for order in args.orders:
+        model.load_state_dict(start_state)
+        model.prior.invalidate_stats()
+        cfg = dataclasses.replace(config.train_config(params, "joint"), iters=joint, progress=False,
+                                  checkpoint_every_s=1e9, log_every=max(1, joint // 20), order=order, **flags)
+        _, info = train_phase(f"joint_{order}", joint_train, model, data, cfg, out)
+        res = ev.evaluate_bound(model, ds.x_test.to(device), ds.to_float)
+        rows.append({"order": order, "joint_iters": joint, "pretrain_iters": pre, "prior_init_iters": init,
+                     "it_s": info["it_s"], "mode": info["mode"], **{k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r")}})
+        log(f"order {order}: test ELBO {res['elbo']:.2f} ({info['it_s']:.0f} it/s)")
+        atomic_write_json(out / "orders.json", rows)
+    table = ["| order | joint it/s | test ELBO | recon | KL[z] | KL[r] |", "|---|---|---|---|---|---|"]
+    table += [f"| {r['order']} | {r['it_s']:.0f} | {r['elbo']:.2f} | {r['recon']:.2f} | {r['kl_z']:.2f} | {r['kl_r']:.2f} |"
+              for r in rows]
+    text = (f"Joint step orders, binarised MNIST, mnist_paper settings, {pre} + {init} + {joint} iterations, "
+            f"seed {params['seed']}, one shared pre-trained and initialised model, step mode {mode}\n\n"
+            + "\n".join(table) + "\n")
+    atomic_write_text(out / "orders.md", text)
+    print(text, flush=True)
+    return rows
+
+
+def summary_text(env, phases, scale, metrics, mode, total_s, full) -> str:
+    lines = ["# GPU check: binarised MNIST, mnist_paper preset (I = 1, K = 512, D = 64)", "",
+             f"- Device: {env.get('gpu')} (torch {env['torch']}, CUDA {env.get('cuda', '-')})",
+             f"- Step: {mode}; schedule scale {scale:.3f} of the paper's "
+             f"{full['pretrain']:.0f} + {full['prior_init']:.0f} + {full['joint']:.0f} iterations"
+             + (" (scaled down to fit the time budget)" if scale < 1 else ""), "",
+             "| phase | iterations | wall s | it/s | mode |", "|---|---|---|---|---|"]
+    for name, info in phases.items():
+        lines.append(f"| {name} | {info['iters']} | {info['wall_s']:.1f} | {info['it_s']:.0f} | {info['mode']} |")
+    total_train = sum(i["wall_s"] for i in phases.values())
+    rates = {n: i["it_s"] for n, i in phases.items()}
+    full_s = sum(full[n] / rates[n] for n in phases)
+    lines += ["", f"- Training wall time {total_train:.0f} s; the full paper schedule at these rates: "
+              f"{full_s:.0f} s ({full_s / 60:.1f} min)."]
+    if metrics:
+        lines += [f"- Test ELBO (11): {metrics['elbo']:.2f} nats (paper: {PAPER_ELBO} at the full schedule); "
+                  f"recon {metrics['recon']:.2f}, KL[z] {metrics['kl_z']:.2f}, KL[r] {metrics['kl_r']:.2f}",
+                  f"- IWAE ({metrics.get('iwae_samples')} samples, {metrics.get('iwae_points')} test points): "
+                  f"{metrics.get('iwae', float('nan')):.2f}; ELBO on those points {metrics.get('elbo_on_iwae_points', float('nan')):.2f}",
+                  f"- Components in use: {metrics['components_used']}"]
+    lines.append(f"- Whole check: {total_s:.0f} s")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder with binarized_mnist_{train,valid,test}.mat (or .amat)")
+    p.add_argument("--out", required=True, help="folder for every result (created)")
+    p.add_argument("--budget-s", type=float, default=300.0, help="wall-clock budget for the three training phases")
+    p.add_argument("--total-s", type=float, default=540.0,
+                   help="the whole check's budget: training gets at most what is left of it after the benchmark, "
+                        "less a reserve for evaluation and figures")
+    p.add_argument("--no-bench", action="store_true", help="skip the benchmark table")
+    p.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the benchmark")
+    p.add_argument("--bench-compile-bf16", action="store_true", help="also time the compiled step under bf16")
+    p.add_argument("--iw-samples", type=int, default=1000)
+    p.add_argument("--iw-points", type=int, default=1000)
+    p.add_argument("--tiny", action="store_true", help="CPU, a few iterations on a subset: checks the code path")
+    p.add_argument("--orders", nargs="+", choices=ORDERS, default=None,
+                   help="instead of the check: compare these joint-step orders (test ELBO, it/s)")
+    p.add_argument("--orders-iters", type=int, nargs=3, default=[20000, 4000, 25000],
+                   metavar=("PRETRAIN", "PRIOR_INIT", "JOINT"), help="iterations per phase for --orders")
+    p.add_argument("--mode", choices=list(bench.MODES), default=None, help="step mode for --orders (default: "
+                   "compiled on CUDA, eager on CPU)")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    folder, out = Path(args.data), Path(args.out)
+    if not folder.is_dir():  # before anything is written
+        raise SystemExit(f"--data {folder}: not a folder (it must hold the binarised MNIST MAT files)")
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cpu") if args.tiny or not torch.cuda.is_available() else torch.device("cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    env = environment(device)
+    log(f"device {env['gpu']}, torch {env['torch']}, CUDA {env.get('cuda', '-')}")
+    atomic_write_json(out / "environment.json", env)
+
+    params = config.validate(yaml.safe_load(PRESET.read_text()))
+    ds = data_mod.load("binarized_mnist", folder, params["seed"])
+    if args.tiny:
+        ds.x_train, ds.x_test = ds.x_train[:512], ds.x_test[:256]
+        params["model"]["K"], params["prior_init"]["init_points"] = 16, 512
+        args.iw_samples, args.iw_points = 10, 16
+
+    if args.orders:
+        mode = args.mode or ("compiled" if device.type == "cuda" else "eager")
+        if args.tiny:
+            args.orders_iters = [30, 10, 30]
+        return {"orders": compare_orders(args, params, ds, device, mode, out)}
+
+    rows = []
+    if not args.no_bench:
+        t = time.perf_counter()
+        rows = run_bench(args, device, out, args.bench_compile_bf16)
+        log(f"benchmark: {time.perf_counter() - t:.0f} s")
+    mode = fastest_mode(rows, device)
+    if device.type == "cpu" and mode == "graph":
+        mode = "eager"
+    full = {"pretrain": params["pretrain"]["iters"], "prior_init": params["prior_init"]["iters"],
+            "joint": params["joint"]["iters"]}
+    if args.tiny:
+        iters, scale = {"pretrain": 30, "prior_init": 10, "joint": 30}, 30 / full["pretrain"]
+    else:
+        k512 = [r for r in rows if r["model"] == "mnist28" and r["mode"] == mode and not r["bf16"] and "error" not in r]
+        best = max(k512, key=lambda r: r["K"]) if k512 else {"plain_it_s": 200.0, "joint_it_s": 200.0}
+        # prior init runs on stored encodings: far cheaper than a network step; 5x is a safe guess
+        rates = {"pretrain": best["plain_it_s"], "prior_init": 5 * best["joint_it_s"], "joint": best["joint_it_s"]}
+        left = args.total_s - (time.perf_counter() - t_start) - 90.0  # evaluation, figures, compile of the phases
+        args.budget_s = max(30.0, min(args.budget_s, left))
+        iters, scale = schedule(params, rates, args.budget_s)
+    if scale < 1:
+        log(f"the paper's schedule ({full}) does not fit {args.budget_s:.0f} s at the measured rates: "
+            f"every phase scaled by {scale:.3f} to {iters}")
+
+    torch.manual_seed(params["seed"])
+    model = config.build_model(params, ds).to(device)
+    labels = None
+    data = TrainData(ds.x_train.to(device), ds.to_float, labels)
+    phases, flags = {}, bench.MODES[mode]
+    for name, fn in PHASES:
+        cfg = config.train_config(params, name)
+        n = iters[name]
+        cfg = dataclasses.replace(cfg, iters=n, progress=False, checkpoint_every_s=1e9,
+                                  log_every=max(1, min(cfg.log_every, n // 40)), **flags)
+        if name == "pretrain":
+            cfg = dataclasses.replace(cfg, kl_anneal_iters=max(1, int(cfg.kl_anneal_iters * n / full[name])))
+        _, phases[name] = train_phase(name, fn, model, data, cfg, out)
+        atomic_write_json(out / "phases.json", phases)
+
+    t = time.perf_counter()
+    x_test = ds.x_test.to(device)
+    res = ev.evaluate_bound(model, x_test, ds.to_float)
+    metrics = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r")}
+    metrics["components_used"] = ev.components_in_use(model)
+    gen = torch.Generator().manual_seed(params["seed"])
+    subset = x_test[torch.randperm(len(x_test), generator=gen)[:args.iw_points].to(device)]
+    t_iw = time.perf_counter()
+    metrics["iwae"] = ev.importance_weighted_log_likelihood(model, subset, ds.to_float, args.iw_samples)
+    metrics["iwae_s"] = time.perf_counter() - t_iw
+    metrics["elbo_on_iwae_points"] = ev.evaluate_bound(model, subset, ds.to_float)["elbo"]
+    metrics |= {"iwae_samples": args.iw_samples, "iwae_points": int(subset.shape[0]), "test_points": len(x_test),
+                "paper_elbo": PAPER_ELBO, "schedule": iters, "schedule_scale": scale, "mode": mode,
+                "phases": phases, "environment": env}
+    atomic_write_json(out / "metrics.json", metrics)
+    log(f"evaluation: {time.perf_counter() - t:.0f} s (IWAE {metrics['iwae_s']:.0f} s)")
+
+    from . import plots
+    torch.manual_seed(params["seed"])
+    plots.sample_grid(model, ds, [0, 0], 16, out / "samples_grid.png")
+    plots.cluster_figure(model, ds, 0, out / "clusters.png")
+    plots.training_curves([out / f"curve_{n}.csv" for n, _ in PHASES], out / "training_curves.png")
+
+    text = summary_text(env, phases, scale, metrics, mode, time.perf_counter() - t_start, full)
+    atomic_write_text(out / "summary.md", text)
+    print(text, flush=True)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
