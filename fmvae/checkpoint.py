@@ -12,6 +12,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 import warnings
@@ -76,7 +77,10 @@ def load_checked(path: str | os.PathLike, map_location="cpu") -> Any:
 
 
 class CheckpointDir:
-    """Numbered checkpoints `ckpt-<step>.pt` in one folder, newest `keep` kept."""
+    """Numbered checkpoints `ckpt-<step>.pt` in one folder, newest `keep` kept.
+
+    Give each setting its own folder (pipeline: <stage folder>/<fingerprint>): pruning by step
+    number within a folder shared by two settings would delete one run's checkpoints for the other's."""
 
     def __init__(self, folder: str | os.PathLike, keep: int = 2):
         self.folder, self.keep = Path(folder), keep
@@ -100,6 +104,16 @@ class CheckpointDir:
             except Exception as err:  # truncated zip, bad pickle, checksum mismatch
                 warnings.warn(f"skipping unusable checkpoint {path}: {err}", stacklevel=2)
         return None
+
+    def prune_siblings(self) -> list[Path]:
+        """Delete the other folders beside this one (checkpoints of other settings); called when this
+        setting's run has finished, so an interrupted run never loses what it could resume from."""
+        removed = []
+        for other in self.folder.parent.iterdir() if self.folder.parent.exists() else []:
+            if other.is_dir() and other != self.folder and list(other.glob("ckpt-*.pt*")):
+                shutil.rmtree(other)
+                removed.append(other)
+        return removed
 
     def clear(self) -> None:
         for p in self.paths():

@@ -1,4 +1,4 @@
-"""params.yaml: the schema, its validation, and helpers the stages share.
+"""params.yaml: validation against the schema (fmvae.schema), and helpers the stages share.
 
 Every key has a default and a check; an unknown key (with the closest valid
 ones), a wrong type or an out-of-range value is reported, naming the key, before
@@ -15,67 +15,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data import DATASETS, Dataset
+from .data import Dataset
 from .model import FMVAE
 from .prior import Hyperprior
-from .train import ORDERS, TrainConfig
-
-_pos = lambda v: v > 0
-_nonneg = lambda v: v >= 0
-_unit = lambda v: 0 <= v <= 1
-
-# key -> (default, type(s), check, what the check means)
-SCHEMA = {
-    "seed": (0, int, _nonneg, ">= 0"),
-    "device": ("auto", str, lambda v: v == "auto" or v.split(":")[0] in ("cpu", "cuda"), "auto, cpu or cuda[:n]"),
-    "data.name": ("binarized_mnist", str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
-    "data.mirror": ("", str, None, ""),
-    "data.raw_dir": ("data/raw", str, None, ""),
-    "model.I": (1, int, _pos, ">= 1"),
-    "model.K": (16, (int, list), lambda v: all(isinstance(k, int) and k >= 1 for k in ([v] if isinstance(v, int) else v)) and v != [], "an int >= 1 or a list of them, one per factor"),
-    "model.D": (32, int, _pos, ">= 1"),
-    "model.arch": ("auto", str, lambda v: v in ("auto", "conv28", "conv64", "mlp"), "auto, conv28, conv64 or mlp"),
-    "train.batch_size": (64, int, _pos, ">= 1"),
-    "train.lr": (1e-3, float, _pos, "> 0"),
-    "train.log_every": (50, int, _pos, ">= 1"),
-    "train.checkpoint_every_s": (120.0, float, _nonneg, ">= 0"),
-    "train.nan_policy": ("stop", str, lambda v: v in ("stop", "skip"), "stop or skip"),
-    "train.bf16": (False, bool, None, "true or false"),
-    "train.compile": (False, bool, None, "true or false (torch.compile the differentiable part of each step)"),
-    "train.cuda_graph": (True, bool, None, "true or false (on CUDA: replay each iteration from a CUDA graph)"),
-    "pretrain.iters": (1000, int, _nonneg, ">= 0"),
-    "pretrain.kl_anneal_iters": (0, int, _nonneg, ">= 0"),
-    "prior_init.iters": (500, int, _nonneg, ">= 0"),
-    "prior_init.init_points": (10000, int, _pos, ">= 1"),
-    "prior_init.restarts": (8, int, _pos, ">= 1"),
-    "prior_init.rotate": (True, bool, None, "true or false"),
-    "svi.tau0": (10.0, float, _nonneg, ">= 0"),
-    "svi.kappa": (0.7, float, lambda v: 0.5 < v <= 1, "in (0.5, 1]"),
-    "joint.iters": (2000, int, _nonneg, ">= 0"),
-    "joint.kl_z_weight": (1.0, float, _pos, "> 0"),
-    "joint.kl_z_anneal_iters": (0, int, _nonneg, ">= 0"),
-    "joint.order": ("reuse", str, lambda v: v in ORDERS, "one of " + ", ".join(ORDERS)),
-    "semi.delta": (0.0, float, _nonneg, ">= 0"),
-    "semi.fraction": (0.0, float, _unit, "in [0, 1]"),
-    "evaluate.recon_samples": (1, int, _pos, ">= 1"),
-    "evaluate.iw_samples": (0, int, _nonneg, ">= 0 (0 skips the IWAE estimate)"),
-    "evaluate.iw_points": (1000, int, _pos, ">= 1"),
-    "properties.judge_iters": (500, int, _pos, ">= 1"),
-    "properties.samples": (1000, int, _pos, ">= 1"),
-    "plot.factors": ([0, 0], list, lambda v: len(v) == 2 and all(isinstance(i, int) and i >= 0 for i in v), "two factor indices"),
-    "plot.max_components": (10, int, _pos, ">= 1"),
-    "sweep.data": ("binarized_mnist", str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
-    "sweep.K": ([2, 4, 8, 16, 32, 64, 128, 256, 512], list, lambda v: v != [] and all(isinstance(k, int) and k >= 1 for k in v), "a non-empty list of ints >= 1"),
-    "sweep.seeds": ([0, 1, 2], list, lambda v: v != [] and all(isinstance(k, int) and k >= 0 for k in v), "a non-empty list of ints >= 0"),
-    "sweep.I": ([1], list, lambda v: v != [] and all(isinstance(k, int) and k >= 1 for k in v), "a non-empty list of ints >= 1"),
-    "sweep.cpus_per_trial": (2.0, float, _pos, "> 0"),
-    "sweep.gpus_per_trial": (0.25, float, _unit, "in [0, 1] (a fraction lets trials share a GPU)"),
-    "sweep.max_failures": (1, int, _nonneg, ">= 0 (retries of a trial that raises)"),
-    "sweep.iters.pretrain": (None, (int, type(None)), lambda v: v is None or v >= 0, "null or >= 0"),
-    "sweep.iters.prior_init": (None, (int, type(None)), lambda v: v is None or v >= 0, "null or >= 0"),
-    "sweep.iters.joint": (None, (int, type(None)), lambda v: v is None or v >= 0, "null or >= 0"),
-}
-
+from .schema import SCHEMA
+from .train import TRAIN_KEYS, TrainConfig
 
 class ParamError(ValueError):
     pass
@@ -201,20 +145,17 @@ def check_model_config(saved: dict, model: FMVAE, path) -> None:
                              "rerun the earlier stages (dvc repro) or fix params.yaml")
 
 
+# the phase whose section a TrainConfig key belongs to; keys of other phases keep their defaults
+PHASE_SECTIONS = {"pretrain": ("pretrain",), "prior_init": ("prior_init",), "joint": ("joint", "semi")}
+
+
 def train_config(params: dict, phase: str) -> TrainConfig:
-    t, s = params["train"], params["svi"]
-    common = dict(batch_size=t["batch_size"], lr=t["lr"], seed=params["seed"], log_every=t["log_every"],
-                  checkpoint_every_s=t["checkpoint_every_s"], nan_policy=t["nan_policy"], tau0=s["tau0"],
-                  kappa=s["kappa"], amp=t["bf16"], compile=t["compile"], cuda_graph=t["cuda_graph"])
-    if phase == "pretrain":
-        return TrainConfig(iters=params["pretrain"]["iters"], kl_anneal_iters=params["pretrain"]["kl_anneal_iters"], **common)
-    if phase == "prior_init":
-        p = params["prior_init"]
-        return TrainConfig(iters=p["iters"], init_points=p["init_points"], init_restarts=p["restarts"],
-                           init_rotate=p["rotate"], **common)
-    j = params["joint"]
-    return TrainConfig(iters=j["iters"], kl_z_weight=j["kl_z_weight"], kl_z_anneal_iters=j["kl_z_anneal_iters"],
-                       delta=params["semi"]["delta"], order=j["order"], **common)
+    """The TrainConfig of one phase: every field from params (TRAIN_KEYS), iterations from <phase>.iters."""
+    flat = _flatten(params)
+    shared = ("seed", "train", "svi")
+    fields = {f: flat[key] for f, key in TRAIN_KEYS.items()
+              if key == "seed" or key.split(".")[0] in shared + PHASE_SECTIONS[phase]}
+    return TrainConfig(iters=params[phase]["iters"], **fields)
 
 
 def fingerprint(*parts) -> str:

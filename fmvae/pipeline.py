@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from pathlib import Path
 
@@ -89,10 +90,19 @@ def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None
     if phase == "joint" and params["semi"]["delta"] > 0 and labels is not None:
         kwargs["gradient_factors"] = list(range(len(ds.property_K)))
     start = time.time()
-    history = PHASES[phase](model, data, cfg, CheckpointDir(ckpt_dir), fp, on_log, meta=provenance(params), **kwargs)
+    ckpt = CheckpointDir(Path(ckpt_dir) / fp)  # one folder per setting: settings never prune each other
+
+    def log(row, history):  # the curve is rewritten (atomically) at every log step: `dvc plots show` mid-run
+        if curve_out is not None:
+            write_curve(history, curve_out)
+        if on_log is not None:
+            on_log(row, history)
+
+    history = PHASES[phase](model, data, cfg, ckpt, fp, log, meta=provenance(params), **kwargs)
     save_model(model, model_out, params, history, with_prior=phase != "pretrain")
     if curve_out is not None:
         write_curve(history, curve_out)
+    ckpt.prune_siblings()
     last = history[-1] if history else {}
     print(f"{phase}: done in {time.time() - start:.0f} s; " + ", ".join(f"{k}={v:.3f}" for k, v in last.items()
                                                                         if k in ("elbo", "recon", "kl", "kl_z", "kl_r")))
@@ -100,7 +110,14 @@ def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None
 
 
 def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out: Path | None = None) -> dict:
-    """Test bound (11) and its parts, components in use, IWAE, accuracies; metrics JSON."""
+    """Test bound (11) and its parts, components in use, IWAE, accuracies.
+
+    Three files, side by side: metrics.json holds only the numbers a researcher compares across
+    runs (what `dvc metrics show` and `dvc exp show` print: the bound's terms, IWAE, components
+    in use, one accuracy per property); evaluation.json the detail behind them (per-factor KLs and
+    components, the IWAE setting and its points' ELBO, per-factor cluster accuracies);
+    provenance.json what produced them (params, versions, commit, digests of the data and model
+    files). Returns metrics and details in one dict."""
     dev = config.device(params)
     ds = load_data(params, data_path)
     model = load_model(params, ds, model_path, dev)
@@ -108,28 +125,34 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
     torch.manual_seed(params["seed"])
     x_test = ds.x_test.to(dev)
     res = ev.evaluate_bound(model, x_test, ds.to_float, samples=e["recon_samples"])
-    metrics = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r", "kl_z_per_factor", "kl_r_per_factor")}
-    metrics["components_used"] = ev.components_in_use(model)
-    metrics["test_points"] = int(x_test.shape[0])
+    used = ev.components_in_use(model)
+    metrics = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r")} | {"components_used": sum(used)}
+    details = {"kl_z_per_factor": res["kl_z_per_factor"], "kl_r_per_factor": res["kl_r_per_factor"],
+               "components_used_per_factor": used, "test_points": int(x_test.shape[0])}
     if e["iw_samples"] > 0:  # on a seeded random subset (test sets may be sorted by class), with its own ELBO
         n = min(e["iw_points"], x_test.shape[0])
         subset = x_test[torch.randperm(x_test.shape[0], generator=torch.Generator().manual_seed(params["seed"]))[:n].to(dev)]
         metrics["iwae"] = ev.importance_weighted_log_likelihood(model, subset, ds.to_float, e["iw_samples"])
-        metrics["elbo_on_iwae_points"] = ev.evaluate_bound(model, subset, ds.to_float, samples=e["recon_samples"])["elbo"]
-        metrics["iwae_samples"], metrics["iwae_points"] = e["iw_samples"], n
+        details["elbo_on_iwae_points"] = ev.evaluate_bound(model, subset, ds.to_float, samples=e["recon_samples"])["elbo"]
+        details["iwae_samples"], details["iwae_points"] = e["iw_samples"], n
     if ds.y_test is not None:
         a = res["assignments"]
         semi = params["semi"]["fraction"] > 0
         for p, name in enumerate(ds.property_names):
-            if semi and p < model.I:
+            if semi and p < model.I:  # the factor clamped to this property in training
                 metrics[f"accuracy_{name}"] = ev.supervised_accuracy(a[:, p], ds.y_test[:, p])
-            for i in range(model.I):
-                metrics[f"cluster_accuracy_factor{i}_{name}"] = ev.matched_accuracy(a[:, i], ds.y_test[:, p])
-    metrics["provenance"] = provenance(params)
+            per_factor = [ev.matched_accuracy(a[:, i], ds.y_test[:, p]) for i in range(model.I)]
+            details[f"cluster_accuracy_{name}_per_factor"] = per_factor
+            if not semi:  # unsupervised: the factor that best recovers it, after matching clusters
+                metrics[f"cluster_accuracy_{name}"] = max(per_factor)
     if metrics_out is not None:
+        metrics_out = Path(metrics_out)
+        inputs = {os.path.relpath(p): sha256_file(p) for p in (data_path, model_path)}  # repo-relative under DVC
+        atomic_write_json(metrics_out.with_name("provenance.json"), provenance(params) | {"inputs": inputs})
+        atomic_write_json(metrics_out.with_name("evaluation.json"), details)
         atomic_write_json(metrics_out, metrics)
     print("evaluate: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-    return metrics
+    return metrics | details
 
 
 def plot_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path, curves: list[Path]) -> list[Path]:

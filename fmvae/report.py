@@ -22,7 +22,7 @@ PAPER_ELBO = {"binarized_mnist": (512, -85.77), "omniglot": (256, -90.89)}
 PAPER_CELEBA = {"Male": (0.97, 0.94), "Eyeglasses": (0.99, 0.85), "Smiling": (0.91, 0.81)}
 TERMS = ("elbo", "recon", "kl_z", "kl_r")
 RESULT_COLUMNS = ["dataset", "K", "I", "seed", "elbo", "recon", "kl_z", "kl_r", "components_used", "iterations",
-                  "wall_s", "status", "error"]
+                  "wall_s", "status", "error", "fingerprint"]
 
 
 def aggregate(results: pd.DataFrame) -> pd.DataFrame:

@@ -1,14 +1,22 @@
 """Ray Tune sweeps over K, seeds and I, running the pipeline's phases in-process.
 
 Layout under `root` (default checkpoints/sweep):
-    data/<dataset>.pt                       prepared once by the driver
-    pretrain/<dataset>-I<I>-D<D>-s<seed>.pt  K-independent pre-training, shared by every K trial
-    trials/<dataset>-I<I>-K<K>-s<seed>/      each trial's checkpoints (a retried trial resumes)
-    ray/<experiment>/                       Tune's own state (Tuner.restore resumes the sweep)
+    data/<dataset>.pt                                 prepared once by the driver
+    pretrain/<dataset>-I<I>-D<D>-s<seed>-<fp>.pt      K-independent pre-training, shared by every K trial
+    trials/<dataset>-I<I>-K<K>-s<seed>-<fp>/          each trial's checkpoints, model and final.json
+    ray/fmvae-<dataset>-<fp>/                         Tune's own state (Tuner.restore resumes the sweep)
+
+Every <fp> is a fingerprint of all the params the thing depends on (not a hand-picked subset)
+and of the fmvae source code: a trial whose effective params are unchanged is reused without
+training, one whose params changed trains anew, and pre-training is shared only between trials
+whose pre-training params match. The Ray experiment is named after its trials' fingerprints, so
+Tuner.restore never hands back results of other params.
 """
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import os
 import re
@@ -19,7 +27,42 @@ import pandas as pd
 
 from . import config
 from .checkpoint import atomic_write_json
+from .pipeline import evaluate_stage, prepare_data, train_stage
 from .report import RESULT_COLUMNS
+
+# the params a trial reads (config.validate fills every key, so each of these is always present)
+TRIAL_SECTIONS = ("seed", "device", "data.name", "model", "train", "pretrain", "prior_init", "svi", "joint", "semi",
+                  "evaluate")
+# the subset pre-training reads: trials that agree on these share one pre-trained model
+PRETRAIN_SECTIONS = ("seed", "device", "data.name", "model.I", "model.D", "model.arch", "train", "pretrain")
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 over the fmvae package's source: a result belongs to the code that produced it too."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _select(params: dict, keys) -> dict:
+    out = {}
+    for key in keys:
+        node = params
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
+
+
+def trial_fingerprint(params: dict) -> str:
+    return config.fingerprint(_select(params, TRIAL_SECTIONS), code_digest())
+
+
+def pretrain_fingerprint(params: dict) -> str:
+    return config.fingerprint(_select(params, PRETRAIN_SECTIONS), code_digest())
 
 
 def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
@@ -38,8 +81,6 @@ def run_trial(cfg: dict) -> dict:
     from filelock import FileLock
     from ray import tune
 
-    from .pipeline import evaluate_stage, train_stage
-
     start = time.time()
     root = Path(cfg["root"])
     params = trial_params(cfg["params"], cfg["dataset"], cfg["K"], cfg["I"], cfg["seed"])
@@ -49,28 +90,33 @@ def run_trial(cfg: dict) -> dict:
             f.write(f"K={cfg['K']}\n")
         raise RuntimeError(f"injected failure for K={cfg['K']}")
     data = root / "data" / f"{cfg['dataset']}.pt"
-    tag = f"{cfg['dataset']}-I{cfg['I']}-D{params['model']['D']}-s{cfg['seed']}"
+    fp = trial_fingerprint(params)
+    tag = f"{cfg['dataset']}-I{cfg['I']}-D{params['model']['D']}-s{cfg['seed']}-{pretrain_fingerprint(params)}"
     pretrained = root / "pretrain" / f"{tag}.pt"
-    with FileLock(str(pretrained) + ".lock"):  # the first trial of a (data, I, D, seed) trains, the rest wait
+    with FileLock(str(pretrained) + ".lock"):  # the first trial of these pre-training params trains, the rest wait
         if not pretrained.exists():
             train_stage("pretrain", params, data, None, pretrained, root / "pretrain" / f"{tag}-ckpt")
-    trial_dir = root / "trials" / f"{cfg['dataset']}-I{cfg['I']}-K{cfg['K']}-s{cfg['seed']}"
+        else:
+            print(f"sweep: reusing pre-training {pretrained.name}")
+    trial_dir = root / "trials" / f"{cfg['dataset']}-I{cfg['I']}-K{cfg['K']}-s{cfg['seed']}-{fp}"
     done = trial_dir / "final.json"
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == config.fingerprint(params):
-        final = json.loads(done.read_text())["metrics"]  # finished before (e.g. the driver died): no work
+    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
+        final = json.loads(done.read_text())["metrics"]  # same params and code finished before: no work
+        print(f"sweep: reusing finished trial {trial_dir.name}")
         tune.report(final)
         return final
-    report = lambda phase: (lambda row: tune.report({"phase": phase, **row}))
+    report = lambda phase: (lambda row, _history: tune.report({"phase": phase, **row}))
     train_stage("prior_init", params, data, pretrained, trial_dir / "prior_init.pt", trial_dir / "ckpt-prior_init",
                 on_log=report("prior_init"))
     history = train_stage("joint", params, data, trial_dir / "prior_init.pt", trial_dir / "joint.pt",
                           trial_dir / "ckpt-joint", on_log=report("joint"))
     metrics = evaluate_stage(params, data, trial_dir / "joint.pt", trial_dir / "metrics.json")
     final = {k: metrics[k] for k in ("elbo", "recon", "kl_z", "kl_r")}
-    final.update(components_used="/".join(map(str, metrics["components_used"])),
+    final.update(components_used="/".join(map(str, metrics["components_used_per_factor"])),
                  iterations=params["pretrain"]["iters"] + params["prior_init"]["iters"] + params["joint"]["iters"],
-                 wall_s=time.time() - start, joint_steps=history[-1]["step"] if history else 0, phase="done")
-    atomic_write_json(done, {"fingerprint": config.fingerprint(params), "metrics": final})
+                 wall_s=time.time() - start, joint_steps=history[-1]["step"] if history else 0, phase="done",
+                 fingerprint=fp)
+    atomic_write_json(done, {"fingerprint": fp, "metrics": final})
     tune.report(final)
     return final
 
@@ -81,18 +127,22 @@ def _last_line(error: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", lines[-1] if lines else type(error).__name__)[:200]
 
 
-def experiment_name(params: dict) -> str:
+def trial_grid(params: dict) -> list[dict]:
     s = params["sweep"]
-    grid = {k: s[k] for k in ("data", "K", "seeds", "I", "iters")} | {"D": params["model"]["D"]}
-    return f"fmvae-{s['data']}-{config.fingerprint(grid)[:8]}"
+    return [{"dataset": s["data"], "K": k, "I": i, "seed": seed} for k in s["K"] for seed in s["seeds"] for i in s["I"]]
+
+
+def experiment_name(params: dict) -> str:
+    """Named after every trial's fingerprint (and the failure policy Tune stores with the experiment)."""
+    fps = sorted(trial_fingerprint(trial_params(params, t["dataset"], t["K"], t["I"], t["seed"]))
+                 for t in trial_grid(params))
+    return f"fmvae-{params['sweep']['data']}-{config.fingerprint(fps, params['sweep']['max_failures'])}"
 
 
 def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed: bool = False) -> pd.DataFrame:
     """Run (or resume) the sweep; return one row per trial with its status."""
     import ray
     from ray import tune
-
-    from .pipeline import prepare_data
 
     s = params["sweep"]
     root = root.resolve()
@@ -132,6 +182,7 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
         rows.append({"dataset": c["dataset"], "K": c["K"], "I": c["I"], "seed": c["seed"],
                      **{k: m.get(k) if ok else None for k in ("elbo", "recon", "kl_z", "kl_r", "components_used",
                                                               "iterations", "wall_s")},
+                     "fingerprint": trial_fingerprint(trial_params(params, c["dataset"], c["K"], c["I"], c["seed"])),
                      "status": "done" if ok else "failed", "error": "" if r.error is None else _last_line(r.error)})
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["I", "K", "seed"]).reset_index(drop=True)
     n_fail = int((df["status"] == "failed").sum())

@@ -28,31 +28,44 @@ from .checkpoint import CheckpointDir
 from .clustering import factorial_kmeans
 from .model import FMVAE
 from .prior import robbins_monro
+from .schema import ORDERS, default
 
 
 @dataclass
 class TrainConfig:
+    """One phase's settings. Every default is the schema's (fmvae.schema: the same as params.yaml);
+    config.train_config fills them from params, and the key each comes from is named beside it."""
     iters: int
-    batch_size: int = 64
-    lr: float = 1e-4
-    seed: int = 0
-    log_every: int = 100
-    checkpoint_every_s: float = 300.0
-    kl_anneal_iters: int = 0          # pretrain: KL weight ramps 0 -> 1 over these iterations
-    tau0: float = 2000.0              # SVI step size (tau0 + t)^-kappa
-    kappa: float = 0.7
-    init_points: int = 10000          # encodings used for the factorial k-means seeding
-    init_restarts: int = 8            # restarts of factorial k-means (the lowest objective wins)
-    init_rotate: bool = True          # rotate the latent space to the most factorial orientation (I > 1)
-    delta: float = 0.0                # weight of the cross-entropy term in (8)
-    kl_z_weight: float = 1.0          # initial up-weighting of KL[z] (the paper's 20) ...
-    kl_z_anneal_iters: int = 0        # ... annealed linearly to 1 over these iterations
-    nan_policy: str = "stop"          # "stop": raise on a non-finite term; "skip": drop that batch
-    amp: bool = False                 # bf16 autocast for the networks (the prior's math stays float32)
-    order: str = "reuse"              # joint step: "reuse", "paper" or "fused"; see joint_step
-    compile: bool = False             # torch.compile the differentiable part of each step
-    cuda_graph: bool = True           # on CUDA: capture the whole iteration in a CUDA graph (nan_policy "stop")
+    batch_size: int = default("train.batch_size")
+    lr: float = default("train.lr")
+    seed: int = default("seed")
+    log_every: int = default("train.log_every")
+    checkpoint_every_s: float = default("train.checkpoint_every_s")
+    kl_anneal_iters: int = default("pretrain.kl_anneal_iters")   # pretrain: KL weight ramps 0 -> 1
+    tau0: float = default("svi.tau0")                             # SVI step size (tau0 + t)^-kappa
+    kappa: float = default("svi.kappa")
+    init_points: int = default("prior_init.init_points")          # encodings the factorial k-means seeds from
+    init_restarts: int = default("prior_init.restarts")           # its restarts (the lowest objective wins)
+    init_rotate: bool = default("prior_init.rotate")              # I > 1: rotate z to its most factorial orientation
+    delta: float = default("semi.delta")                          # weight of the cross-entropy term in (8)
+    kl_z_weight: float = default("joint.kl_z_weight")             # initial up-weighting of KL[z] (the paper's 20) ...
+    kl_z_anneal_iters: int = default("joint.kl_z_anneal_iters")   # ... annealed linearly to 1 over these iterations
+    nan_policy: str = default("train.nan_policy")                 # "stop": raise on a non-finite term; "skip": drop it
+    amp: bool = default("train.bf16")                             # bf16 autocast for the networks (prior in float32)
+    order: str = default("joint.order")                           # joint step: reuse, paper or fused; see joint_step
+    compile: bool = default("train.compile")                      # torch.compile the differentiable part of each step
+    cuda_graph: bool = default("train.cuda_graph")                # CUDA: capture the whole iteration in a CUDA graph
     progress: bool = True
+
+
+# TrainConfig field -> the params key it comes from (config.train_config and the drift test use it)
+TRAIN_KEYS = {"batch_size": "train.batch_size", "lr": "train.lr", "seed": "seed", "log_every": "train.log_every",
+              "checkpoint_every_s": "train.checkpoint_every_s", "kl_anneal_iters": "pretrain.kl_anneal_iters",
+              "tau0": "svi.tau0", "kappa": "svi.kappa", "init_points": "prior_init.init_points",
+              "init_restarts": "prior_init.restarts", "init_rotate": "prior_init.rotate", "delta": "semi.delta",
+              "kl_z_weight": "joint.kl_z_weight", "kl_z_anneal_iters": "joint.kl_z_anneal_iters",
+              "nan_policy": "train.nan_policy", "amp": "train.bf16", "order": "joint.order",
+              "compile": "train.compile", "cuda_graph": "train.cuda_graph"}
 
 
 class NumericalError(FloatingPointError):
@@ -162,7 +175,9 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
     """Run step_fn(step, x, labels) -> {term: 0-d tensor} for cfg.iters steps with logging,
     checks, checkpoints and resume. log_extras(row) adds terms computed once per log interval.
     Returns the logged rows (the training curve). step is an int, or a device scalar when the
-    iteration is graphed: step_fn must treat it with the helpers below (ramp)."""
+    iteration is graphed: step_fn must treat it with the helpers below (ramp). on_log(row, history)
+    is called at every log step with the whole curve so far (a resumed run's includes the rows
+    saved in its checkpoint, so a curve rewritten from it has neither gaps nor repeated steps)."""
     start, history, skipped = 0, [], 0
     state = ckpt.latest() if ckpt is not None else None
     if state is not None and state.get("fingerprint") == fingerprint:
@@ -225,7 +240,7 @@ def _loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher,
             history.append(row)
             bar.set_postfix({k: f"{v:.2f}" for k, v in row.items() if k in ("elbo", "loss", "kl_z", "kl_r")})
             if on_log is not None:
-                on_log(row)
+                on_log(row, history)
             sums, n = torch.zeros_like(sums), 0
             if not last and time.monotonic() - last_save >= cfg.checkpoint_every_s:
                 save(step + 1)
@@ -382,9 +397,6 @@ def _as_weight(w, x: torch.Tensor):
     if isinstance(w, torch.Tensor) or x.is_cuda:
         return w
     return torch.tensor(float(w))
-
-
-ORDERS = ("reuse", "paper", "fused")
 
 
 def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):

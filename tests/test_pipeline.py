@@ -10,7 +10,7 @@ from helpers import copy_project, run, tiny_params
 
 STAGES = ["download", "pretrain", "prior_init", "joint_train", "evaluate", "properties", "plot"]
 OUTPUTS = ["data/prepared/dataset.pt", "models/pretrain.pt", "models/prior_init.pt", "models/joint.pt",
-           "reports/metrics.json", "reports/curves/pretrain.csv", "reports/curves/prior_init.csv",
+           "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json", "reports/curves/pretrain.csv", "reports/curves/prior_init.csv",
            "reports/curves/joint.csv", "reports/figures/samples_grid.png", "reports/figures/clusters.png",
            "reports/figures/training_curves.png", "reports/synthetic_table.md", "reports/synthetic_table.csv"]
 
@@ -35,10 +35,14 @@ def test_dvc_repro_writes_every_declared_output(project):
     assert m["elbo"] < 0 and m["kl_z"] >= 0 and m["kl_r"] >= 0
     assert abs(m["elbo"] - (m["recon"] - m["kl_z"] - m["kl_r"])) < 1e-3
     assert m["iwae"] >= m["elbo"] - 5  # log p(x) estimate is not far below the bound
-    assert len(m["components_used"]) == 2 and all(1 <= c <= 3 for c in m["components_used"])
+    details = json.loads((root / "reports/evaluation.json").read_text())
+    assert len(details["components_used_per_factor"]) == 2 and all(1 <= c <= 3 for c in details["components_used_per_factor"])
+    assert m["components_used"] == sum(details["components_used_per_factor"])
     for name in ("shape", "position"):
-        assert 0 <= m[f"accuracy_{name}"] <= 1 and f"cluster_accuracy_factor0_{name}" in m
-    assert m["provenance"]["params"]["model"]["I"] == 2 and m["provenance"]["git_commit"]
+        assert 0 <= m[f"accuracy_{name}"] <= 1 and len(details[f"cluster_accuracy_{name}_per_factor"]) == 2
+    prov = json.loads((root / "reports/provenance.json").read_text())
+    assert prov["params"]["model"]["I"] == 2 and prov["git_commit"] and "provenance" not in m
+    assert prov["inputs"]["models/joint.pt"] == (root / "models/joint.pt.sha256").read_text().strip()
     assert (root / "reports/figures/samples_grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import pandas as pd
     table = pd.read_csv(root / "reports/synthetic_table.csv")
@@ -59,17 +63,41 @@ def test_second_repro_reruns_nothing_and_a_plot_param_reruns_only_plot(project):
     assert all(f"Running stage '{s}'" not in log for s in STAGES[:-1])
 
 
-def test_a_killed_training_stage_resumes_from_its_checkpoint(tmp_path):
+def test_after_a_param_change_a_killed_stage_resumes_from_its_own_checkpoint(tmp_path):
+    """A finished run leaves checkpoints up to step 30. Change joint.iters, kill the joint stage
+    at step 25: its checkpoints (one folder per setting) survive beside the old run's, the rerun
+    resumes from step 20 and ends bitwise equal to an uninterrupted run with the new params,
+    curve included (no gap, no repeated step). The old setting's folder goes once the run is done."""
+    reference = copy_project(tmp_path / "reference", tiny_params(joint={"iters": 40}))
+    run(["dvc", "repro"], reference)
+    root = copy_project(tmp_path / "changed", tiny_params())
+    run(["dvc", "repro"], root)
+    (old,) = (root / "checkpoints/joint").iterdir()
+    assert list(old.glob("ckpt-000000030.pt"))
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(joint={"iters": 40}), sort_keys=False))
+    killed = run(["dvc", "repro"], root, check=False, env_extra={"FMVAE_KILL_AT_STEP": "25"})
+    assert killed.returncode != 0 and "Running stage 'pretrain'" not in killed.stdout
+    new = [f for f in (root / "checkpoints/joint").iterdir() if f != old]
+    assert len(new) == 1 and old.exists() and list(new[0].glob("ckpt-000000020.pt"))
+    resumed = run(["dvc", "repro"], root)
+    assert "resuming from step 20" in resumed.stdout + resumed.stderr
+    assert json.loads((root / "reports/metrics.json").read_text()) == \
+        json.loads((reference / "reports/metrics.json").read_text())
+    curve = (root / "reports/curves/joint.csv").read_text()
+    assert curve == (reference / "reports/curves/joint.csv").read_text()
+    assert [int(line.split(",")[0]) for line in curve.splitlines()[1:]] == [10, 20, 30, 40]
+    assert not old.exists() and new[0].exists()
+
+
+def test_the_curve_is_on_disk_while_the_stage_runs(tmp_path):
+    """Killed at step 25 (log_every 10): the curve already holds steps 10 and 20."""
     root = copy_project(tmp_path, tiny_params())
     for stage in ("download", "pretrain", "prior_init"):
         run(["python", f"stages/{stage}.py"], root)
     killed = run(["python", "stages/joint_train.py"], root, check=False, env_extra={"FMVAE_KILL_AT_STEP": "25"})
-    assert killed.returncode == -signal.SIGKILL
-    assert not (root / "models/joint.pt").exists()
-    assert list((root / "checkpoints/joint").glob("ckpt-000000020.pt"))
-    resumed = run(["python", "stages/joint_train.py"], root)
-    assert "resuming from step 20" in resumed.stdout + resumed.stderr
-    assert (root / "models/joint.pt").exists()
+    assert killed.returncode == -signal.SIGKILL and not (root / "models/joint.pt").exists()
+    rows = (root / "reports/curves/joint.csv").read_text().splitlines()
+    assert rows[0].startswith("step,") and [int(r.split(",")[0]) for r in rows[1:]] == [10, 20]
 
 
 @pytest.mark.parametrize("change,key", [

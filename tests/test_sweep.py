@@ -1,6 +1,7 @@
 """The Ray Tune sweep through real Ray (CPU, synthetic data, tens of iterations) and its reports."""
 import pandas as pd
 import pytest
+import yaml
 
 from helpers import copy_project, run, tiny_params
 
@@ -50,6 +51,56 @@ def test_report_stage_draws_figure3(swept):
     assert (root / "reports/figure3_synthetic.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(root / "reports/figure3_synthetic.csv")
     assert sorted(table["K"]) == [2, 3] and (table["seeds"] == 1).all()
+
+
+def _files(root):
+    return {p: p.stat().st_mtime_ns for p in (root / "checkpoints/sweep").rglob("*")
+            if p.is_file() and "/ray/" not in str(p) and not p.name.endswith(".lock")}
+
+
+def test_a_changed_param_retrains_every_trial_and_an_unchanged_rerun_trains_none(swept):
+    """Change train.lr (not in any hand-picked grid key): every finished trial trains again and
+    every ELBO moves; pre-training too (it reads train.lr). Then rerun unchanged: nothing trains,
+    no file under checkpoints/sweep is written, and the results are identical."""
+    root, _ = swept
+    before = pd.read_csv(root / "reports/sweep/results.csv")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"]["lr"] = 0.003
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = run(["python", "stages/sweep.py"], root, env_extra={"FMVAE_SWEEP_FAIL_K": "4"}, timeout=600)
+    assert "finished trials are not rerun" not in changed.stdout
+    after = pd.read_csv(root / "reports/sweep/results.csv")
+    old, new = (df[df["status"] == "done"].set_index("K") for df in (before, after))
+    assert list(new.index) == [2, 3]
+    for k in (2, 3):
+        assert new.loc[k, "elbo"] != old.loc[k, "elbo"] and new.loc[k, "fingerprint"] != old.loc[k, "fingerprint"]
+    assert len(list((root / "checkpoints/sweep/pretrain").glob("*.pt"))) == 2  # the old one is not reused
+    files = _files(root)
+    again = run(["python", "stages/sweep.py"], root, env_extra={"FMVAE_SWEEP_FAIL_K": "4"}, timeout=600)
+    assert "finished trials are not rerun" in again.stdout
+    assert _files(root) == files
+    pd.testing.assert_frame_equal(pd.read_csv(root / "reports/sweep/results.csv"), after)
+
+
+def test_a_finished_trial_with_unchanged_params_is_reused_by_a_new_sweep(swept):
+    """Add a seed to the grid: the experiment is new, but the trials of seed 0 keep their
+    fingerprints, so they are reused from their final.json without training."""
+    root, _ = swept
+    before = pd.read_csv(root / "reports/sweep/results.csv")
+    finished = {p: p.stat().st_mtime_ns for p in (root / "checkpoints/sweep/trials").glob("*/joint.pt")}
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["sweep"]["seeds"] = [0, 1]
+    params["sweep"]["K"] = [2, 3]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = run(["python", "stages/sweep.py"], root, timeout=600)
+    after = pd.read_csv(root / "reports/sweep/results.csv")
+    seed0 = after[after["seed"] == 0].set_index("K")
+    old = before[before["status"] == "done"].set_index("K")
+    for k in (2, 3):
+        assert seed0.loc[k, "elbo"] == old.loc[k, "elbo"] and seed0.loc[k, "fingerprint"] == old.loc[k, "fingerprint"]
+    assert (after["status"] == "done").all() and len(after) == 4
+    assert "finished trials are not rerun" not in log.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # not one of them trained again
 
 
 def test_asking_for_gpus_on_a_cluster_without_any_is_a_clear_error(tmp_path):

@@ -1,0 +1,91 @@
+"""What keeps every number tied to its params and code: declared DVC deps, one home for defaults."""
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fmvae import config
+from fmvae.schema import SCHEMA
+from fmvae.train import TRAIN_KEYS, TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+IMPORTS = """
+import json, runpy, sys
+sys.path.insert(0, {stages!r})
+runpy.run_path({script!r}, run_name="imported_by_the_deps_test")
+files = {{m.__file__ for name, m in list(sys.modules.items())
+          if (name == "fmvae" or name.startswith("fmvae.") or name == "_common") and getattr(m, "__file__", None)}}
+print(json.dumps(sorted(files)))
+"""
+
+
+def stages():
+    for dvc_file in ("dvc.yaml", "sweep/dvc.yaml"):
+        spec = yaml.safe_load((ROOT / dvc_file).read_text())
+        for name, stage in spec["stages"].items():
+            yield pytest.param(dvc_file, name, stage, id=f"{dvc_file}:{name}")
+
+
+@pytest.mark.parametrize("dvc_file,name,stage", list(stages()))
+def test_every_fmvae_module_a_stage_imports_is_a_declared_dep(dvc_file, name, stage):
+    """Import the stage's script as DVC runs it and list the project modules it pulls in
+    (transitively); each must be a dep of the stage, or lie in a folder that is one. Otherwise a
+    change to it would leave `dvc repro` serving results of the old code."""
+    script = ROOT / stage["cmd"].split()[1]
+    out = subprocess.run([sys.executable, "-c", IMPORTS.format(stages=str(ROOT / "stages"), script=str(script))],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    used = {Path(f).resolve().relative_to(ROOT) for f in json.loads(out)} | {script.relative_to(ROOT)}
+    deps = [Path(d) for d in stage.get("deps", [])]
+    missing = sorted(str(u) for u in used if not any(u == d or d in u.parents for d in deps))
+    assert not missing, f"{dvc_file} stage {name} imports these but does not declare them as deps: {missing}"
+    assert any(str(u).startswith("fmvae") for u in used)  # the probe saw the package at all
+
+
+def test_train_config_defaults_are_the_schema_s():
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in TRAIN_KEYS:
+            assert f.default == SCHEMA[TRAIN_KEYS[f.name]][0], (f.name, f.default, SCHEMA[TRAIN_KEYS[f.name]][0])
+    missing = {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAIN_KEYS) - {"iters", "progress"}
+    assert not missing, f"TrainConfig fields without a params key: {missing}"
+
+
+def test_params_yaml_states_exactly_the_schema_defaults():
+    """params.yaml is the default profile and the schema holds its values: the two cannot drift."""
+    stated = config._flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert set(stated) == set(SCHEMA), set(stated) ^ set(SCHEMA)
+    for key, value in stated.items():
+        default = SCHEMA[key][0]
+        assert value == default and type(value) is type(default), (key, value, default)
+
+
+def _another_value(key: str, value):
+    if isinstance(value, bool):
+        return not value
+    special = {"train.nan_policy": "skip", "joint.order": "paper", "svi.kappa": 0.9}
+    if key in special:
+        return special[key]
+    return value + 1 if isinstance(value, int) else value * 0.5 + 0.01
+
+
+def test_train_config_takes_every_field_from_params():
+    """Change each params key TrainConfig reads, one at a time: the phase that reads it sees it."""
+    base = config._flatten(config.validate({}))
+    for field, key in TRAIN_KEYS.items():
+        phase = {"pretrain": "pretrain", "prior_init": "prior_init"}.get(key.split(".")[0], "joint")
+        new = _another_value(key, SCHEMA[key][0])
+        params = config.validate(config._unflatten(base | {key: new}))
+        assert getattr(config.train_config(params, phase), field) == new, (field, key)
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.stem)
+def test_presets_override_schema_keys_only(preset):
+    """A preset states the paper's values for some keys (validated like params.yaml); every key it
+    leaves out comes from the schema, so a preset run and the default profile share one source."""
+    stated = config._flatten(yaml.safe_load(preset.read_text()))
+    assert set(stated) <= set(SCHEMA)
+    full = config._flatten(config.validate(config._unflatten(stated)))
+    assert all(full[k] == SCHEMA[k][0] for k in SCHEMA if k not in stated)
