@@ -113,8 +113,10 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
     """Test bound (11) and its parts, components in use, IWAE, accuracies.
 
     Three files, side by side: metrics.json holds only the numbers a researcher compares across
-    runs (what `dvc metrics show` and `dvc exp show` print: the bound's terms, IWAE, components
-    in use, one accuracy per property); evaluation.json the detail behind them (per-factor KLs and
+    runs (what `dvc metrics show` and `dvc exp show` print, in a 120-column terminal: the bound's
+    terms, IWAE, components in use, `acc_<property>` for argmax q(r|x) against the labels of a
+    semi-supervised factor, or `cluster_acc_<property>` for the best factor after matching
+    clusters when trained without labels); evaluation.json the detail behind them (per-factor KLs and
     components, the IWAE setting and its points' ELBO, per-factor cluster accuracies);
     provenance.json what produced them (params, versions, commit, digests of the data and model
     files). Returns metrics and details in one dict."""
@@ -126,7 +128,7 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
     x_test = ds.x_test.to(dev)
     res = ev.evaluate_bound(model, x_test, ds.to_float, samples=e["recon_samples"])
     used = ev.components_in_use(model)
-    metrics = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r")} | {"components_used": sum(used)}
+    metrics = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r")} | {"components": sum(used)}
     details = {"kl_z_per_factor": res["kl_z_per_factor"], "kl_r_per_factor": res["kl_r_per_factor"],
                "components_used_per_factor": used, "test_points": int(x_test.shape[0])}
     if e["iw_samples"] > 0:  # on a seeded random subset (test sets may be sorted by class), with its own ELBO
@@ -140,11 +142,11 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
         semi = params["semi"]["fraction"] > 0
         for p, name in enumerate(ds.property_names):
             if semi and p < model.I:  # the factor clamped to this property in training
-                metrics[f"accuracy_{name}"] = ev.supervised_accuracy(a[:, p], ds.y_test[:, p])
+                metrics[f"acc_{name}"] = ev.supervised_accuracy(a[:, p], ds.y_test[:, p])
             per_factor = [ev.matched_accuracy(a[:, i], ds.y_test[:, p]) for i in range(model.I)]
             details[f"cluster_accuracy_{name}_per_factor"] = per_factor
             if not semi:  # unsupervised: the factor that best recovers it, after matching clusters
-                metrics[f"cluster_accuracy_{name}"] = max(per_factor)
+                metrics[f"cluster_acc_{name}"] = max(per_factor)
     if metrics_out is not None:
         metrics_out = Path(metrics_out)
         inputs = {os.path.relpath(p): sha256_file(p) for p in (data_path, model_path)}  # repo-relative under DVC

@@ -37,9 +37,9 @@ def test_dvc_repro_writes_every_declared_output(project):
     assert m["iwae"] >= m["elbo"] - 5  # log p(x) estimate is not far below the bound
     details = json.loads((root / "reports/evaluation.json").read_text())
     assert len(details["components_used_per_factor"]) == 2 and all(1 <= c <= 3 for c in details["components_used_per_factor"])
-    assert m["components_used"] == sum(details["components_used_per_factor"])
+    assert m["components"] == sum(details["components_used_per_factor"])
     for name in ("shape", "position"):
-        assert 0 <= m[f"accuracy_{name}"] <= 1 and len(details[f"cluster_accuracy_{name}_per_factor"]) == 2
+        assert 0 <= m[f"acc_{name}"] <= 1 and len(details[f"cluster_accuracy_{name}_per_factor"]) == 2
     prov = json.loads((root / "reports/provenance.json").read_text())
     assert prov["params"]["model"]["I"] == 2 and prov["git_commit"] and "provenance" not in m
     assert prov["inputs"]["models/joint.pt"] == (root / "models/joint.pt.sha256").read_text().strip()
@@ -49,7 +49,7 @@ def test_dvc_repro_writes_every_declared_output(project):
     assert list(table["property"]) == ["shape", "position"]
     for col in ("accuracy_argmax_q_r", "judge_agreement_clamped_samples", "judge_test_accuracy"):
         assert table[col].between(0, 1).all()
-    assert table["accuracy_argmax_q_r"].tolist() == [m["accuracy_shape"], m["accuracy_position"]]
+    assert table["accuracy_argmax_q_r"].tolist() == [m["acc_shape"], m["acc_position"]]
 
 
 def test_second_repro_reruns_nothing_and_a_plot_param_reruns_only_plot(project):

@@ -1,0 +1,95 @@
+"""DVC experiments on the real pipeline (tiny synthetic settings): presets as named experiments,
+`-S` overrides that reuse what they do not touch, refused keys, and tables that fit a terminal."""
+import hashlib
+import json
+
+import pytest
+import yaml
+
+from helpers import copy_project, run, tiny_params
+
+# What README tells a user to compare experiments with (dep columns dropped, unchanged ones hidden)
+EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--only-changed", "--precision", "3",
+            "--drop", "Created|fmvae/|stages/|data/|models/|reports/"]
+METRICS_SHOW = ["dvc", "metrics", "show", "--precision", "3"]
+NARROW = {"COLUMNS": "120", "LINES": "50"}
+
+
+def git(root, *args):
+    return run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org", *args], root)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A committed project whose default pipeline has run once, and a tiny preset."""
+    root = copy_project(tmp_path_factory.mktemp("exp"), tiny_params(semi={"fraction": 0.5, "delta": 10.0}))
+    (root / "presets/tiny_test.yaml").write_text(yaml.safe_dump({"model": {"K": 4}, "joint": {"iters": 20}}, sort_keys=False))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+    run(["dvc", "repro"], root)
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "default run")
+    return root
+
+
+def snapshot(root):
+    """The bytes of the workspace's outputs and code (not git's or DVC's own folders; DVC may
+    rewrite a file with the same bytes, so contents are compared, not times)."""
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+            and not any(part in (".git", ".dvc") for part in p.relative_to(root).parts)}
+
+
+def test_a_preset_runs_as_a_named_experiment_leaving_params_yaml_untouched(repo):
+    before = (repo / "params.yaml").read_bytes()
+    outputs = snapshot(repo)
+    res = run(["python", "stages/preset.py", "tiny_test"], repo, timeout=900)
+    assert "dvc exp run -n tiny_test --temp -S model.K=4 -S joint.iters=20" in res.stdout
+    assert (repo / "params.yaml").read_bytes() == before
+    assert snapshot(repo) == outputs  # params.yaml and the default profile's outputs, byte for byte
+    assert "tiny_test" in run(["dvc", "exp", "list", "--name-only"], repo).stdout.split()
+    rows = json.loads(run(["dvc", "exp", "show", "--json"], repo).stdout)
+    exps = [e for r in rows for e in (r.get("experiments") or []) if e.get("name") == "tiny_test"]
+    (exp,) = exps
+    revs = exp["revs"][0]["data"]
+    assert revs["params"]["params.yaml"]["data"]["model"]["K"] == 4
+    assert "elbo" in revs["metrics"]["reports/metrics.json"]["data"]
+
+
+def test_an_override_of_K_reuses_pretraining_and_lists_its_metrics(repo):
+    res = run(["dvc", "exp", "run", "-n", "k5", "-S", "model.K=5"], repo, timeout=900)
+    assert "Stage 'pretrain' didn't change, skipping" in res.stdout
+    assert "Running stage 'prior_init'" in res.stdout and "Running stage 'pretrain'" not in res.stdout
+    table = run(EXP_SHOW, repo, env_extra=NARROW).stdout
+    k5 = next(line for line in table.splitlines() if "[k5]" in line)
+    elbo = json.loads((repo / "reports/metrics.json").read_text())["elbo"]
+    assert f"{elbo:.2f}"[:6] in k5
+
+
+def test_a_misspelled_key_is_refused_naming_it_with_nothing_written(repo):
+    before = snapshot(repo)
+    params = (repo / "params.yaml").read_bytes()
+    res = run(["dvc", "exp", "run", "-S", "model.KK=5"], repo, check=False)
+    assert res.returncode != 0 and "model.KK" in res.stdout + res.stderr
+    assert snapshot(repo) == before
+    # forced in with DVC's `+` (append) syntax, the pipeline's own check names it before any work
+    res = run(["dvc", "exp", "run", "-S", "+model.KK=5"], repo, check=False)
+    assert res.returncode != 0 and "model.KK: unknown parameter; did you mean model.K" in res.stdout + res.stderr
+    changed = {p for p, t in snapshot(repo).items() if before.get(p) != t}
+    assert changed <= {repo / "params.yaml"}, changed  # DVC's own edit of params.yaml; no output touched
+    (repo / "params.yaml").write_bytes(params)
+
+
+def test_metrics_and_experiment_tables_fit_a_120_column_terminal(repo):
+    leaves = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+
+    def count(node):
+        return sum(count(v) for v in node.values()) if isinstance(node, dict) else 1
+
+    (workspace,) = [v for v in leaves.values()] if isinstance(leaves, dict) else [leaves]
+    metrics = workspace["data"]["reports/metrics.json"]["data"]
+    assert 5 <= count(metrics) <= 40 and "provenance" not in metrics
+    for cmd in (METRICS_SHOW, EXP_SHOW):
+        out = run(cmd, repo, env_extra=NARROW).stdout
+        assert max(len(line) for line in out.splitlines()) <= 120, out
+        assert "…" not in out, out  # nothing cut off
+        assert "elbo" in out
