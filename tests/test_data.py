@@ -153,3 +153,63 @@ def test_semi_supervised_labels_fraction_and_errors():
     assert torch.equal(labels[observed, :3], y[observed])
     with pytest.raises(ValueError, match="model.I"):
         data.semi_supervised_labels(y, 0.4, 2, seed=0)
+
+
+def test_celeba_zip_as_distributed_gives_the_same_tensors_as_the_extracted_folder(mirror, tmp_path):
+    """A zip of generated JPEGs (the layout of img_align_celeba.zip) loads with no unzip step and
+    gives exactly the tensors of the extracted folder."""
+    import zipfile
+    rows = make_celeba(tmp_path / "folder", mirror, n=36)
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    for name in ("list_attr_celeba.txt", "list_eval_partition.txt"):
+        (packed / name).write_bytes((tmp_path / "folder" / name).read_bytes())
+    with zipfile.ZipFile(packed / "img_align_celeba.zip", "w") as zf:
+        for r in reversed(rows):  # member order differs from the attribute file's on purpose
+            name = r.split()[0]
+            zf.write(tmp_path / "folder" / "img_align_celeba" / name, f"img_align_celeba/{name}")
+    a = data.load("celeba", data.fetch("celeba", tmp_path / "raw", tmp_path / "folder"))
+    b = data.load("celeba", data.fetch("celeba", tmp_path / "raw", tmp_path / "packed"))
+    for field in ("x_train", "x_test", "y_train", "y_test"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.x_train.shape == (33, 3, 64, 64) and a.x_train.dtype == torch.uint8
+    assert a.x_train.float().std() > 10  # real pixels, not an empty buffer
+
+
+def test_celeba_zip_missing_an_image_names_it(mirror, tmp_path):
+    import zipfile
+    rows = make_celeba(tmp_path / "src", mirror, n=6)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "list_attr_celeba.txt").write_bytes((tmp_path / "src" / "list_attr_celeba.txt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "c" / "img_align_celeba.zip", "w") as zf:
+        for r in rows[:-1]:
+            zf.write(tmp_path / "src" / "img_align_celeba" / r.split()[0], f"img_align_celeba/{r.split()[0]}")
+    with pytest.raises(data.DataError, match=rows[-1].split()[0]):
+        data.load("celeba", tmp_path / "c")
+
+
+QUOTA_PAGE = b"""<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head>
+<body>Too many users have viewed or downloaded this file recently.</body></html>"""
+
+
+@pytest.mark.parametrize("dataset,name", [
+    ("binarized_mnist", "binarized_mnist_train.amat"),
+    ("mnist", "t10k-images-idx3-ubyte.gz"),
+    ("omniglot", "images_background_small1.zip"),
+    ("celeba", "list_attr_celeba.txt"),
+    ("celeba", "img_align_celeba.zip"),
+])
+def test_an_html_page_saved_under_a_data_file_name_is_refused_naming_it(mirror, tmp_path, dataset, name):
+    """What a download script saves when Google Drive says 'Quota exceeded': refused with the
+    file's name and what to do, before anything is installed or decoded."""
+    fake = tmp_path / "mirror" / dataset
+    fake.mkdir(parents=True)
+    if dataset == "celeba":  # the other file of the pair is real, so only the HTML one can be blamed
+        make_celeba(tmp_path / "real", mirror, n=4)
+        (fake / "list_attr_celeba.txt").write_bytes((tmp_path / "real" / "list_attr_celeba.txt").read_bytes())
+        (fake / "img_align_celeba").mkdir()
+    (fake / name).write_bytes(QUOTA_PAGE)
+    raw = tmp_path / "raw"
+    with pytest.raises(data.DataError, match=rf"{name}.*HTML page.*mirror"):
+        data.load(dataset, data.fetch(dataset, raw, tmp_path / "mirror", allow_download=False))
+    assert not (raw / dataset / name).exists()

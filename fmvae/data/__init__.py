@@ -1,0 +1,53 @@
+"""Data sets: fetching (canonical address or local mirror), integrity checks, loading.
+
+Every data set becomes a `Dataset` of compact tensors (uint8 images, long labels) that the
+training loop keeps on the device.
+
+    core       Dataset, DataError, semi-supervised label masks
+    fetch      mirror or download, HTML pages refused, checksums, atomic install
+    mnist      binarised MNIST (.amat / MAT) and labelled MNIST (IDX)
+    omniglot   chardata.mat or the PNG zips
+    celeba     img_align_celeba.zip (as distributed) or the extracted folder; parallel decoding
+    synthetic  shapes x positions images, factorial vectors
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .celeba import CELEBA_PROPERTIES, find_celeba, load_celeba, read_celeba_attributes
+from .core import DATASETS, DataError, Dataset, semi_supervised_labels
+from .fetch import FILES, OPTIONAL, RemoteFile, _install, fetch, fetch_file, refuse_html, sha256_file
+from .mnist import load_binarized_mnist, load_mnist, read_binarized_mnist_split, read_idx
+from .omniglot import load_omniglot, omniglot_pngs
+from .synthetic import factorial_vectors, load_synthetic, synthetic_images
+
+__all__ = ["CELEBA_PROPERTIES", "DATASETS", "DataError", "Dataset", "FILES", "OPTIONAL", "RemoteFile", "factorial_vectors",
+           "fetch", "fetch_file", "find_celeba", "load", "load_binarized_mnist", "load_celeba", "load_mnist",
+           "load_omniglot", "load_prepared", "load_synthetic", "omniglot_pngs", "read_binarized_mnist_split",
+           "read_celeba_attributes", "read_idx", "refuse_html", "save_prepared", "semi_supervised_labels",
+           "sha256_file", "synthetic_images", "_install"]
+
+
+def load(name: str, folder: Path | None, seed: int = 0) -> Dataset:
+    if name == "binarized_mnist":
+        return load_binarized_mnist(folder)
+    if name == "mnist":
+        return load_mnist(folder, seed)
+    if name == "omniglot":
+        return load_omniglot(folder, seed)
+    if name == "celeba":
+        return load_celeba(folder)
+    if name == "synthetic":
+        return load_synthetic(seed=seed)
+    raise ValueError(f"data.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def save_prepared(ds: Dataset, path: str | os.PathLike) -> None:
+    from ..checkpoint import save_checked
+    save_checked(ds.state(), path)
+
+
+def load_prepared(path: str | os.PathLike) -> Dataset:
+    from ..checkpoint import load_checked
+    return Dataset(**load_checked(path))
