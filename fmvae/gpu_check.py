@@ -284,6 +284,8 @@ def main(argv=None) -> dict:
     atomic_write_json(out / "metrics.json", metrics)
     log(f"evaluation: {time.perf_counter() - t:.0f} s (IWAE {metrics['iwae_s']:.0f} s)")
 
+    import matplotlib
+    matplotlib.use("Agg")  # files only
     from . import plots
     torch.manual_seed(params["seed"])
     plots.sample_grid(model, ds, [0, 0], 16, out / "samples_grid.png")

@@ -158,15 +158,19 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
 
 
 def plot_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path, curves: list[Path]) -> list[Path]:
-    """Sample grid over two factors (Figures 1/6/8), per-cluster mean/variance/samples (Figure 4), curves."""
+    """Sample grid over two factors (Figures 1/6/8), per-component mean/variance/samples (Figure 4),
+    training curves. Factors clamped to a property in training are labelled with its name."""
     from . import plots
     dev = config.device(params)
     ds = load_data(params, data_path)
     model = load_model(params, ds, model_path, dev)
     torch.manual_seed(params["seed"])
     p = params["plot"]
-    written = [plots.sample_grid(model, ds, p["factors"], p["max_components"], out_dir / "samples_grid.png"),
-               plots.cluster_figure(model, ds, p["factors"][0], out_dir / "clusters.png"),
+    names = ({i: n for i, n in enumerate(ds.property_names) if i < model.I}
+             if params["semi"]["fraction"] > 0 else {})
+    grid, _ = plots.sample_grid(model, ds, p["factors"], p["max_components"], out_dir / "samples_grid.png",
+                                per_cell=p["samples_per_cell"], names=names)
+    written = [grid, plots.cluster_figure(model, ds, p["factors"][0], out_dir / "clusters.png", names=names),
                plots.training_curves(curves, out_dir / "training_curves.png")]
     print("plot: " + ", ".join(str(w) for w in written))
     return written

@@ -41,8 +41,6 @@ def write_table(df: pd.DataFrame, stem: Path) -> None:
 
 def figure3(results: pd.DataFrame, dataset: str, out_dir: Path) -> Path:
     """Test ELBO, reconstruction, KL[z] and KL[r] against log2 K (mean +- std over seeds), like Figure 3."""
-    import matplotlib
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     agg = aggregate(results[results["dataset"] == dataset])

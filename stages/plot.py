@@ -1,5 +1,8 @@
 """Stage plot: sample grid, cluster statistics and training curves -> reports/figures/."""
+import matplotlib
 from _common import CURVES, DATA, MODELS, REPORTS, main
+
+matplotlib.use("Agg")  # files only: the script, not the library, chooses the backend
 
 from fmvae.pipeline import plot_stage
 
