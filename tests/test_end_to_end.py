@@ -1,5 +1,4 @@
 """End to end on synthetic factorial data: I = 2 blocks, 3 clusters each, through a fixed random map."""
-import time
 
 import pytest
 import torch
@@ -30,8 +29,8 @@ def test_unsupervised_training_recovers_each_factor(seed):
     """Every seed of the first eight. Before the latent rotation of prior initialisation
     (fmvae.clustering.factorial_kmeans) only seeds 0 and 7 did; over seeds 0..23 now 23 reach
     >= 0.99. In the exception (seed 20) the pre-trained encodings themselves favour a wrong
-    factorisation: the true labels have a higher factorial k-means objective than the one found."""
-    start = time.time()
+    factorisation: the true labels have a higher factorial k-means objective than the one found.
+    (No wall-clock bound: hosts of this kind differ up to 5x, and more under load.)"""
     x, _ = factorial_vectors(3000, seed=0)
     x_test, y_test = factorial_vectors(1000, seed=1)
     model, _ = train(seed, x)
@@ -40,7 +39,6 @@ def test_unsupervised_training_recovers_each_factor(seed):
     acc = [[matched_accuracy(assignments[:, i], y_test[:, j]) for j in range(2)] for i in range(2)]
     best = max(min(acc[0][0], acc[1][1]), min(acc[0][1], acc[1][0]))
     assert best >= 0.9, acc
-    assert time.time() - start < 60
 
 
 def test_semi_supervised_training_assigns_held_out_points():
