@@ -84,11 +84,22 @@ def validate(params: dict) -> dict:
     return _unflatten(full)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict | None = None) -> dict:
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
+                sweep_file: str | Path | None = None) -> dict:
+    """params.yaml validated; `sweep_file`'s `sweep:` section, when given, replaces params.yaml's
+    (a sweep's own params, e.g. sweep/params.yaml, leave the default grid in params.yaml as it is)."""
     path = Path(path)
     if not path.exists():
         raise ParamError(f"{path} not found")
     params = yaml.safe_load(path.read_text()) or {}
+    if sweep_file is not None:
+        sweep_file = Path(sweep_file)
+        if not sweep_file.exists():
+            raise ParamError(f"{sweep_file} not found")
+        own = yaml.safe_load(sweep_file.read_text()) or {}
+        if set(own) != {"sweep"}:
+            raise ParamError(f"{sweep_file}: holds only a `sweep:` section, got {', '.join(map(str, own)) or 'nothing'}")
+        params["sweep"] = own["sweep"]
     for key, value in (overrides or {}).items():
         node = params
         *parents, leaf = key.split(".")

@@ -179,7 +179,9 @@ def plot_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path, c
 def properties_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path):
     """Per labelled property: accuracy of argmax q(r_i|x) on the test set, and the agreement of an
     automatic judge (a classifier trained on the real labelled images) with the clamped value of
-    samples; written as reports/<dataset>_table.{md,csv}. Data sets without labels get an empty table."""
+    samples; written as reports/<dataset>_table.{md,csv}, and as reports/properties.json (the metrics
+    `dvc exp show` compares: acc_<p>, agreement_<p>, judge_acc_<p>). Data sets without labels get an
+    empty table and an empty properties.json."""
     from . import report
     dev = config.device(params)
     ds = load_data(params, data_path)
@@ -189,14 +191,18 @@ def properties_stage(params: dict, data_path: Path, model_path: Path, out_dir: P
     if ds.y_train is None or not semi:
         why = "has no labelled properties" if ds.y_train is None else "was trained without labels (semi.fraction = 0)"
         report.write_table(report.property_table([], [], [], [], ds.name), stem)
+        atomic_write_json(out_dir / "properties.json", {})
         print(f"properties: {ds.name} {why}; wrote an empty {stem}.md")
         return None
     res = ev.evaluate_bound(model, ds.x_test.to(dev), ds.to_float)
     acc = [ev.supervised_accuracy(res["assignments"][:, p], ds.y_test[:, p]) for p in range(len(ds.property_K))]
     p = params["properties"]
     judge, judge_acc = report.train_judge(ds, p["judge_iters"], seed=params["seed"], device=dev)
-    agreement = report.judge_samples(model, judge, ds, p["samples"], params["seed"])
-    table = report.property_table(ds.property_names, acc, agreement, judge_acc, ds.name)
+    agreement, per_value = report.judge_samples(model, judge, ds, p["samples"], params["seed"])
+    table = report.property_table(ds.property_names, acc, agreement, judge_acc, ds.name, per_value)
     report.write_table(table, stem)
+    atomic_write_json(out_dir / "properties.json", {f"{key}_{name}": v[i] for i, name in enumerate(ds.property_names)
+                                                    for key, v in (("acc", acc), ("agreement", agreement),
+                                                                   ("judge_acc", judge_acc))})
     print(table.to_string(index=False))
     return table

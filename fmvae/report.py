@@ -9,28 +9,45 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_bytes, atomic_write_text
 
 # Test ELBOs the paper reports (section 4.1): data set -> (K, ELBO).
 PAPER_ELBO = {"binarized_mnist": (512, -85.77), "omniglot": (256, -90.89)}
 # CelebA (section 4.2, Table 1): property -> (accuracy of argmax q(r_i|x), human judgement of clamped samples).
 PAPER_CELEBA = {"Male": (0.97, 0.94), "Eyeglasses": (0.99, 0.85), "Smiling": (0.91, 0.81)}
 TERMS = ("elbo", "recon", "kl_z", "kl_r")
-RESULT_COLUMNS = ["dataset", "K", "I", "seed", "elbo", "recon", "kl_z", "kl_r", "components_used", "iterations",
-                  "wall_s", "status", "error", "fingerprint"]
+# one row per trial: its grid point, what a finished trial reports (its terms and its budget:
+# iterations per phase, batch, data sizes), then its status
+TRIAL_REPORT = ["elbo", "recon", "kl_z", "kl_r", "components_used", "pretrain_iters", "prior_init_iters",
+                "joint_iters", "batch_size", "train_points", "test_points", "wall_s"]
+RESULT_COLUMNS = ["dataset", "K", "I", "seed", *TRIAL_REPORT, "status", "error", "fingerprint"]
+
+
+TERM_TITLES = {"elbo": "test ELBO (11)", "recon": "reconstruction E[log p(x|z)]", "kl_z": "KL[z]", "kl_r": "KL[r]"}
+# the paper's budget (appendix E), written beside ours on Figure 3
+PAPER_BUDGET = "paper: 1e5 + 2e4 + 2e5 iterations, full training sets"
 
 
 def aggregate(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean, standard deviation and count over seeds of each term, per (dataset, I, K); finished trials only."""
+    """Mean, std, min and max over seeds of each term, per (dataset, I, K); finished trials only."""
     done = results[results["status"] == "done"]
     g = done.groupby(["dataset", "I", "K"])[list(TERMS)]
-    out = g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_std")).join(g.size().rename("seeds"))
+    out = (g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_std")).join(g.min().add_suffix("_min"))
+           .join(g.max().add_suffix("_max")).join(g.size().rename("seeds")))
     return out.reset_index().sort_values(["dataset", "I", "K"])
+
+
+def budget(results: pd.DataFrame) -> str:
+    """The training budget behind a set of trials, as one line for a figure."""
+    def values(col):
+        return "/".join(f"{v:,}" for v in sorted(results[col].dropna().astype(int).unique()))
+    return (f"pre-train {values('pretrain_iters')} + prior init {values('prior_init_iters')} + joint "
+            f"{values('joint_iters')} iterations, batch {values('batch_size')}; {values('train_points')} training, "
+            f"{values('test_points')} test images")
 
 
 def write_table(df: pd.DataFrame, stem: Path) -> None:
@@ -39,32 +56,71 @@ def write_table(df: pd.DataFrame, stem: Path) -> None:
     atomic_write_text(stem.with_suffix(".md"), df.to_markdown(index=False, floatfmt=".3f") + "\n")
 
 
-def figure3(results: pd.DataFrame, dataset: str, out_dir: Path) -> Path:
-    """Test ELBO, reconstruction, KL[z] and KL[r] against log2 K (mean +- std over seeds), like Figure 3."""
-    import matplotlib.pyplot as plt
-
-    agg = aggregate(results[results["dataset"] == dataset])
-    write_table(agg, out_dir / f"figure3_{dataset}")
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
-    for ax, term, title in zip(axes, TERMS, ("test ELBO", "E[log p(x|z)]", "KL[z]", "KL[r]")):
+def _figure3_row(axes, done: pd.DataFrame, dataset: str) -> None:
+    """One data set's four panels: each term against K on a log2 axis, mean over seeds with the
+    min-max band and every seed's value as a dot."""
+    agg = aggregate(done)
+    seeds = sorted(done["seed"].unique())
+    for ax, term in zip(axes, TERMS):
         for I, part in agg.groupby("I"):
-            x = np.log2(part["K"].to_numpy())
-            y, s = part[f"{term}_mean"].to_numpy(), part[f"{term}_std"].fillna(0).to_numpy()
-            ax.plot(x, y, "o-", label=f"I = {I}")
-            ax.fill_between(x, y - s, y + s, alpha=0.25)
+            K = part["K"].to_numpy()
+            line, = ax.plot(K, part[f"{term}_mean"], "o-", ms=4,
+                            label=f"I = {I}: mean of {len(seeds)} seed{'s' if len(seeds) > 1 else ''}")
+            ax.fill_between(K, part[f"{term}_min"], part[f"{term}_max"], color=line.get_color(), alpha=0.2,
+                            label="min-max over seeds" if len(seeds) > 1 else None)
+            trials = done[done["I"] == I]
+            ax.plot(trials["K"], trials[term], ".", color=line.get_color(), alpha=0.5, ms=4)
         if term == "elbo" and dataset in PAPER_ELBO:
             k, v = PAPER_ELBO[dataset]
-            ax.plot([np.log2(k)], [v], "r*", markersize=12, label=f"paper: {v} at K = {k}")
-        ax.set_title(title), ax.set_xlabel("log2 K")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{dataset}: test bound (11) and its parts against K (mean, band = std over seeds)", y=1.04)
+            ax.plot([k], [v], "r*", ms=12, label=f"paper: {v} at K = {k}")
+        ax.set_xscale("log", base=2)
+        ticks = sorted(done["K"].unique())
+        ax.set_xticks(ticks, [str(k) for k in ticks], fontsize=7)
+        ax.minorticks_off()
+        ax.set_xlabel("K (components, log2 axis)")
+        ax.set_ylabel("nats per image")
+        ax.set_title(f"{dataset}: {TERM_TITLES[term]}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+
+
+def _save_png(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    from .checkpoint import atomic_write_bytes
-    path = out_dir / f"figure3_{dataset}.png"
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def figure3(results: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The paper's Figure 3: test ELBO, reconstruction, KL[z] and KL[r] against K, from the sweep's
+    results. Writes figure3_<dataset>.{csv,md,png} per data set and figure3.png with every data set
+    (one row each, as the paper puts MNIST and Omniglot side by side); the budget is on each figure."""
+    import matplotlib.pyplot as plt
+
+    done = results[results["status"] == "done"]
+    datasets = sorted(done["dataset"].unique())
+    if not datasets:
+        raise ValueError("figure3: no finished trials in the sweep's results")
+    written = []
+    for dataset in datasets:
+        part = done[done["dataset"] == dataset]
+        write_table(aggregate(part), out_dir / f"figure3_{dataset}")
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), constrained_layout=True)
+        _figure3_row(axes, part, dataset)
+        fig.suptitle(f"Figure 3, {dataset}: {budget(part)} ({PAPER_BUDGET})", fontsize=9)
+        written += [_save_png(fig, out_dir / f"figure3_{dataset}.png"), out_dir / f"figure3_{dataset}.csv",
+                    out_dir / f"figure3_{dataset}.md"]
+        plt.close(fig)
+    fig, axes = plt.subplots(len(datasets), 4, figsize=(16, 3.6 * len(datasets)), squeeze=False,
+                             constrained_layout=True)
+    for row, dataset in zip(axes, datasets):
+        _figure3_row(row, done[done["dataset"] == dataset], dataset)
+    lines = [f"{d}: {budget(done[done['dataset'] == d])}" for d in datasets]
+    fig.suptitle("Figure 3: the test bound (11) and its parts against K\n" + "\n".join(lines) + f"\n({PAPER_BUDGET})",
+                 fontsize=9)
+    written.append(_save_png(fig, out_dir / "figure3.png"))
+    plt.close(fig)
+    return written
 
 
 # --------------------------------------------------------------------------
@@ -111,12 +167,13 @@ def _predict(clf, x, batch: int = 500) -> torch.Tensor:
 
 
 @torch.no_grad()
-def judge_samples(model, clf, ds, n: int = 1000, seed: int = 0) -> list[float]:
+def judge_samples(model, clf, ds, n: int = 1000, seed: int = 0) -> tuple[list[float], list[list[float]]]:
     """Agreement of the judge with the clamped value of each property, for decoder means of samples
-    drawn with every labelled factor's k clamped uniformly at random (the paper's Table 1 set-up)."""
+    drawn with every labelled factor's k clamped uniformly at random and the other factors sampled
+    (the paper's Table 1 set-up). Returns the agreement per property and, per property, the
+    agreement among the samples clamped to each of its values (which digits fail, say)."""
     torch.manual_seed(seed)
     dev = model.prior.lam.device
-    P = len(ds.property_K)
     clamp = torch.full((n, model.I), -1, dtype=torch.long, device=dev)
     for p, k in enumerate(ds.property_K):
         clamp[:, p] = torch.randint(k, (n,), device=dev)
@@ -124,17 +181,36 @@ def judge_samples(model, clf, ds, n: int = 1000, seed: int = 0) -> list[float]:
     images = model.decode_mean(z.to(dev))
     if ds.kind == "rgb":
         images = images.clamp(-1, 1)
-    preds = _predict(clf, images)
-    return [float((preds[:, p] == clamp[:, p]).float().mean()) for p in range(P)]
+    hit = (_predict(clf, images) == clamp[:, :len(ds.property_K)]).float()
+    per_value = [[float(hit[clamp[:, p] == v, p].mean()) for v in range(k)] for p, k in enumerate(ds.property_K)]
+    return [float(hit[:, p].mean()) for p in range(len(ds.property_K))], per_value
 
 
 def property_table(names: list[str], accuracy: list[float], judged: list[float], judge_accuracy: list[float],
-                   dataset: str) -> pd.DataFrame:
+                   dataset: str, judged_per_value: list[list[float]] | None = None) -> pd.DataFrame:
     rows = []
-    for name, acc, agree, jacc in zip(names, accuracy, judged, judge_accuracy):
+    for p, (name, acc, agree, jacc) in enumerate(zip(names, accuracy, judged, judge_accuracy)):
         paper = PAPER_CELEBA.get(name) if dataset == "celeba" else None
         rows.append({"property": name, "accuracy_argmax_q_r": acc, "paper_accuracy": paper[0] if paper else None,
                      "judge_agreement_clamped_samples": agree, "paper_human_judgement": paper[1] if paper else None,
                      "judge_test_accuracy": jacc})
+        if judged_per_value is not None:
+            rows[-1]["agreement_per_value"] = " ".join(f"{v}:{a:.2f}" for v, a in enumerate(judged_per_value[p]))
     return pd.DataFrame(rows)
 
+
+# Published semi-supervised MNIST accuracies with 100 labels and 50,000 unlabelled training images
+# (Kingma et al. 2014, "Semi-supervised learning with deep generative models", Table 1).
+KINGMA_2014_MNIST_100 = {"M2": 0.880, "M1+M2": 0.967}
+
+
+def semi_supervised_table(runs: list[dict]) -> pd.DataFrame:
+    """Our semi-supervised runs beside the published figures. Each run: name, labels (count),
+    unlabelled (count), acc (argmax q(r|x) on held-out images), agreement (judge vs clamped samples),
+    judge_acc (the judge's own test accuracy), elbo."""
+    rows = [{"model": f"fmvae ({r['name']})", "labels": r["labels"], "unlabelled_train_images": r["unlabelled"],
+             "accuracy_argmax_q_r": r["acc"], "judge_agreement_clamped_samples": r["agreement"],
+             "judge_test_accuracy": r["judge_acc"], "test_elbo": r["elbo"]} for r in runs]
+    rows += [{"model": f"Kingma et al. 2014, {m}", "labels": 100, "unlabelled_train_images": 50000,
+              "accuracy_argmax_q_r": a} for m, a in KINGMA_2014_MNIST_100.items()]
+    return pd.DataFrame(rows)

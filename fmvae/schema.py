@@ -55,7 +55,7 @@ SCHEMA = {
     "plot.factors": ([0, 0], list, lambda v: len(v) == 2 and all(isinstance(i, int) and i >= 0 for i in v), "two factor indices"),
     "plot.max_components": (10, int, _pos, ">= 1"),
     "plot.samples_per_cell": (100, int, _pos, ">= 1 (each grid cell averages this many conditional samples)"),
-    "sweep.data": ("binarized_mnist", str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
+    "sweep.data": (["binarized_mnist", "omniglot"], list, lambda v: v != [] and len(set(v)) == len(v) and all(d in DATASETS for d in v), "a non-empty list of distinct data sets from " + ", ".join(DATASETS)),
     "sweep.K": ([2, 4, 8, 16, 32, 64, 128, 256, 512], list, lambda v: v != [] and all(isinstance(k, int) and k >= 1 for k in v), "a non-empty list of ints >= 1"),
     "sweep.seeds": ([0, 1, 2], list, lambda v: v != [] and all(isinstance(k, int) and k >= 0 for k in v), "a non-empty list of ints >= 0"),
     "sweep.I": ([1], list, lambda v: v != [] and all(isinstance(k, int) and k >= 1 for k in v), "a non-empty list of ints >= 1"),

@@ -1,7 +1,7 @@
 """Ray Tune sweeps over K, seeds and I, running the pipeline's phases in-process.
 
 Layout under `root` (default checkpoints/sweep):
-    data/<dataset>.pt                                 prepared once by the driver
+    data/<dataset>.pt                                 prepared once by the driver, one per sweep.data entry
     pretrain/<dataset>-I<I>-D<D>-s<seed>-<fp>.pt      K-independent pre-training, shared by every K trial
     trials/<dataset>-I<I>-K<K>-s<seed>-<fp>/          each trial's checkpoints, model and final.json
     ray/fmvae-<dataset>-<fp>/                         Tune's own state (Tuner.restore resumes the sweep)
@@ -27,8 +27,8 @@ import pandas as pd
 
 from . import config
 from .checkpoint import atomic_write_json
-from .pipeline import evaluate_stage, prepare_data, train_stage
-from .report import RESULT_COLUMNS
+from .pipeline import evaluate_stage, load_data, prepare_data, train_stage
+from .report import RESULT_COLUMNS, TRIAL_REPORT
 
 # the params a trial reads (config.validate fills every key, so each of these is always present)
 TRIAL_SECTIONS = ("seed", "device", "data.name", "model", "train", "pretrain", "prior_init", "svi", "joint", "semi",
@@ -72,6 +72,7 @@ def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
     for phase in ("pretrain", "prior_init", "joint"):
         if params["sweep"]["iters"][phase] is not None:
             p[phase]["iters"] = params["sweep"]["iters"][phase]
+    p["evaluate"]["iw_samples"] = 0  # a trial reports the bound (11) and its parts; IWAE is not part of Figure 3
     return config.validate({k: v for k, v in p.items() if k != "sweep"} | {"sweep": params["sweep"]})
 
 
@@ -113,9 +114,10 @@ def run_trial(cfg: dict) -> dict:
     metrics = evaluate_stage(params, data, trial_dir / "joint.pt", trial_dir / "metrics.json")
     final = {k: metrics[k] for k in ("elbo", "recon", "kl_z", "kl_r")}
     final.update(components_used="/".join(map(str, metrics["components_used_per_factor"])),
-                 iterations=params["pretrain"]["iters"] + params["prior_init"]["iters"] + params["joint"]["iters"],
-                 wall_s=time.time() - start, joint_steps=history[-1]["step"] if history else 0, phase="done",
-                 fingerprint=fp)
+                 **{f"{phase}_iters": params[phase]["iters"] for phase in ("pretrain", "prior_init", "joint")},
+                 batch_size=params["train"]["batch_size"], train_points=len(load_data(params, data).x_train),
+                 test_points=metrics["test_points"], wall_s=time.time() - start,
+                 joint_steps=history[-1]["step"] if history else 0, phase="done", fingerprint=fp)
     atomic_write_json(done, {"fingerprint": fp, "metrics": final})
     tune.report(final)
     return final
@@ -129,14 +131,15 @@ def _last_line(error: BaseException) -> str:
 
 def trial_grid(params: dict) -> list[dict]:
     s = params["sweep"]
-    return [{"dataset": s["data"], "K": k, "I": i, "seed": seed} for k in s["K"] for seed in s["seeds"] for i in s["I"]]
+    return [{"dataset": d, "K": k, "I": i, "seed": seed}
+            for d in s["data"] for k in s["K"] for seed in s["seeds"] for i in s["I"]]
 
 
 def experiment_name(params: dict) -> str:
     """Named after every trial's fingerprint (and the failure policy Tune stores with the experiment)."""
     fps = sorted(trial_fingerprint(trial_params(params, t["dataset"], t["K"], t["I"], t["seed"]))
                  for t in trial_grid(params))
-    return f"fmvae-{params['sweep']['data']}-{config.fingerprint(fps, params['sweep']['max_failures'])}"
+    return f"fmvae-{'+'.join(params['sweep']['data'])}-{config.fingerprint(fps, params['sweep']['max_failures'])}"
 
 
 def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed: bool = False) -> pd.DataFrame:
@@ -146,11 +149,12 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
 
     s = params["sweep"]
     root = root.resolve()
-    data = root / "data" / f"{s['data']}.pt"
-    if not data.exists():
-        p = copy.deepcopy(params)
-        p["data"]["name"], p["semi"]["fraction"] = s["data"], 0.0
-        prepare_data(p, data)
+    for dataset in s["data"]:
+        data = root / "data" / f"{dataset}.pt"
+        if not data.exists():
+            p = copy.deepcopy(params)
+            p["data"]["name"], p["semi"]["fraction"] = dataset, 0.0
+            prepare_data(p, data)
     if not ray.is_initialized():
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in os.environ.items()
@@ -167,7 +171,8 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
                                    restart_errored=retry_failed)
     else:
         space = {"K": tune.grid_search(list(s["K"])), "seed": tune.grid_search(list(s["seeds"])),
-                 "I": tune.grid_search(list(s["I"])), "dataset": s["data"], "root": str(root), "params": params}
+                 "I": tune.grid_search(list(s["I"])), "dataset": tune.grid_search(list(s["data"])),
+                 "root": str(root), "params": params}
         tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
             name=name, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=s["max_failures"]),
             verbose=1))
@@ -180,11 +185,10 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
         m = r.metrics or {}
         ok = r.error is None and m.get("phase") == "done"
         rows.append({"dataset": c["dataset"], "K": c["K"], "I": c["I"], "seed": c["seed"],
-                     **{k: m.get(k) if ok else None for k in ("elbo", "recon", "kl_z", "kl_r", "components_used",
-                                                              "iterations", "wall_s")},
+                     **{k: m.get(k) if ok else None for k in TRIAL_REPORT},
                      "fingerprint": trial_fingerprint(trial_params(params, c["dataset"], c["K"], c["I"], c["seed"])),
                      "status": "done" if ok else "failed", "error": "" if r.error is None else _last_line(r.error)})
-    df = pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["I", "K", "seed"]).reset_index(drop=True)
+    df = pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["dataset", "I", "K", "seed"]).reset_index(drop=True)
     n_fail = int((df["status"] == "failed").sum())
     print(f"sweep: {len(df) - n_fail} trials done, {n_fail} failed, wall time {time.time() - start:.0f} s")
     return df

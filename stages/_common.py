@@ -17,9 +17,10 @@ REPORTS = ROOT / "reports"
 CURVES = REPORTS / "curves"
 
 
-def main(stage) -> None:
-    """Run stage(params) with params.yaml validated first; bad input exits 1 with one clear line."""
+def main(stage, sweep_file=None) -> None:
+    """Run stage(params) with params.yaml validated first (its `sweep:` section replaced by
+    sweep_file's when given); bad input exits 1 with one clear line."""
     try:
-        stage(load_params(ROOT / "params.yaml"))
+        stage(load_params(ROOT / "params.yaml", sweep_file=sweep_file))
     except (ParamError, DataError, CorruptCheckpoint, NumericalError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")

@@ -1,4 +1,5 @@
-"""Stage report: Figure 3 (test ELBO, reconstruction, KL[z], KL[r] against log2 K) from the sweep's results."""
+"""Stage report: the paper's Figure 3 (test ELBO, reconstruction, KL[z], KL[r] against K) from the
+sweep's results: reports/figure3.png (every data set) and reports/figure3_<dataset>.{png,csv,md}."""
 import matplotlib
 import pandas as pd
 from _common import REPORTS, main
@@ -9,9 +10,8 @@ from fmvae.report import figure3
 
 
 def report(params):
-    results = pd.read_csv(REPORTS / "sweep" / "results.csv")
-    for dataset in sorted(results["dataset"].unique()):
-        print(f"report: {figure3(results, dataset, REPORTS)}")
+    for path in figure3(pd.read_csv(REPORTS / "sweep" / "results.csv"), REPORTS):
+        print(f"report: {path}")
 
 
 if __name__ == "__main__":

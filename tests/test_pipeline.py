@@ -12,7 +12,8 @@ STAGES = ["download", "pretrain", "prior_init", "joint_train", "evaluate", "prop
 OUTPUTS = ["data/prepared/dataset.pt", "models/pretrain.pt", "models/prior_init.pt", "models/joint.pt",
            "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json", "reports/curves/pretrain.csv", "reports/curves/prior_init.csv",
            "reports/curves/joint.csv", "reports/figures/samples_grid.png", "reports/figures/clusters.png",
-           "reports/figures/training_curves.png", "reports/synthetic_table.md", "reports/synthetic_table.csv"]
+           "reports/figures/training_curves.png", "reports/synthetic_table.md", "reports/synthetic_table.csv",
+           "reports/properties.json"]
 
 
 @pytest.fixture(scope="module")

@@ -185,11 +185,12 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
 
 # 5. The sweep driver killed mid-run resumes without rerunning finished trials.
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path):
-    sweep = {"data": "synthetic", "K": [2, 3], "seeds": [0], "I": [1], "cpus_per_trial": 2, "gpus_per_trial": 0,
+    sweep = {"data": ["synthetic"], "K": [2, 3], "seeds": [0], "I": [1], "cpus_per_trial": 2, "gpus_per_trial": 0,
              "max_failures": 0, "iters": {"pretrain": 30, "prior_init": 10, "joint": 300}}
-    root = copy_project(tmp_path, tiny_params(model={"I": 1, "K": 3, "D": 4}, plot={"factors": [0, 0]},
-                                              sweep=sweep))
-    driver = subprocess.Popen(["python", "stages/sweep.py"], cwd=root, env=env_with_venv(), start_new_session=True,
+    root = copy_project(tmp_path, tiny_params(model={"I": 1, "K": 3, "D": 4}, plot={"factors": [0, 0]}))
+    (root / "sweep/params.yaml").write_text(yaml.safe_dump({"sweep": sweep}))  # the sweep's own params file
+    cmd = ["python", "stages/sweep.py", "--sweep-params", "sweep/params.yaml"]
+    driver = subprocess.Popen(cmd, cwd=root, env=env_with_venv(), start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     finished = []
@@ -200,7 +201,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
     driver.wait()
     assert len(finished) == 1, "the first trial should have finished before the kill"
     stamp = finished[0].stat().st_mtime_ns
-    run(["python", "stages/sweep.py"], root, timeout=600)
+    run(cmd, root, timeout=600)
     import pandas as pd
     df = pd.read_csv(root / "reports/sweep/results.csv")
     assert sorted(df["K"]) == [2, 3] and (df["status"] == "done").all()

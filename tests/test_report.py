@@ -2,10 +2,15 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from fmvae import report
 from fmvae.data import load_synthetic
 from fmvae.evaluate import matched_accuracy
+from fmvae.model import FMVAE
+
+
+BUDGET = {"pretrain_iters": 2000, "prior_init_iters": 300, "joint_iters": 1500, "batch_size": 64}
 
 
 def results_table():
@@ -14,9 +19,10 @@ def results_table():
         for seed, e in enumerate(elbos):
             rows.append({"dataset": "binarized_mnist", "K": K, "I": 1, "seed": seed, "elbo": e,
                          "recon": None if e is None else e + 10, "kl_z": 8.0, "kl_r": 2.0,
-                         "status": "failed" if e is None else "done"})
+                         "status": "failed" if e is None else "done", "train_points": 50000, "test_points": 10000,
+                         **BUDGET})
     rows.append({"dataset": "omniglot", "K": 2, "I": 1, "seed": 0, "elbo": -120.0, "recon": -110.0, "kl_z": 9.0,
-                 "kl_r": 1.0, "status": "done"})
+                 "kl_r": 1.0, "status": "done", "train_points": 4672, "test_points": 1168, **BUDGET})
     return pd.DataFrame(rows)
 
 
@@ -31,11 +37,50 @@ def test_aggregate_means_stds_and_counts_over_seeds_of_finished_trials():
     assert len(agg[agg["dataset"] == "omniglot"]) == 1
 
 
-def test_figure3_writes_png_and_tables(tmp_path):
-    path = report.figure3(results_table(), "binarized_mnist", tmp_path)
-    assert path.read_bytes()[:4] == b"\x89PNG"
+def test_aggregate_band_is_the_min_max_over_seeds():
+    mnist = report.aggregate(results_table()).set_index(["dataset", "K"]).loc["binarized_mnist"]
+    assert (mnist.loc[2, "elbo_min"], mnist.loc[2, "elbo_max"]) == (-102.0, -100.0)
+
+
+def test_budget_line_names_every_phase_and_the_data_sizes():
+    line = report.budget(results_table()[lambda d: d["dataset"] == "binarized_mnist"])
+    assert line == ("pre-train 2,000 + prior init 300 + joint 1,500 iterations, batch 64; "
+                    "50,000 training, 10,000 test images")
+
+
+def test_figure3_writes_per_dataset_files_and_one_figure_with_both(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figures = []
+
+    def keep(fig, path):  # the figure objects, to read their axes back
+        figures.append(fig)
+        path.write_bytes(b"png")
+        return path
+    monkeypatch.setattr(report, "_save_png", keep)
+    written = report.figure3(results_table(), tmp_path)
+    names = sorted(p.name for p in written)
+    assert names == sorted([f"figure3_{d}.{e}" for d in ("binarized_mnist", "omniglot") for e in ("png", "csv", "md")]
+                           + ["figure3.png"])
     md = (tmp_path / "figure3_binarized_mnist.md").read_text()
     assert "-101.000" in md and "-96.000" in md
+    both = figures[-1]  # figure3.png: one row per data set, four terms each
+    axes = both.get_axes()
+    assert len(axes) == 8
+    assert [a.get_title() for a in axes[:4]] == [f"binarized_mnist: {t}" for t in report.TERM_TITLES.values()]
+    assert axes[4].get_title().startswith("omniglot")
+    for ax in axes:
+        assert ax.get_xscale() == "log" and ax.get_ylabel() == "nats per image"
+        assert [t.get_text() for t in ax.get_xticklabels()] in (["2", "8"], ["2"])
+    elbo = axes[0]
+    mean = elbo.get_lines()[0]
+    assert list(mean.get_xdata()) == [2, 8] and list(mean.get_ydata()) == [-101.0, -96.0]
+    assert any("paper: -85.77 at K = 512" in t.get_text() for t in elbo.get_legend().get_texts())
+    title = both._suptitle.get_text()
+    assert "pre-train 2,000 + prior init 300 + joint 1,500" in title and "4,672 training" in title
+    for fig in figures:
+        plt.close(fig)
 
 
 def test_property_table_columns_and_paper_reference():
@@ -56,3 +101,34 @@ def test_matched_accuracy_is_permutation_invariant_and_counts_unmatched_as_error
     assert matched_accuracy(np.array([2, 2, 0, 0, 1, 1]), true) == 1.0
     assert matched_accuracy(np.array([0, 0, 0, 0, 1, 1]), true) == pytest.approx(4 / 6)
     assert matched_accuracy(np.array([0, 1, 2, 3, 4, 5]), true) == pytest.approx(3 / 6)
+
+
+class AlwaysZero(torch.nn.Module):
+    """A judge that reads every image as value 0 of every property."""
+
+    def __init__(self, property_K):
+        super().__init__()
+        self.property_K = property_K
+
+    def forward(self, x):
+        return [torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), k).float() for k in self.property_K]
+
+
+def test_judge_agreement_is_split_by_clamped_value():
+    """A judge that always says 0 agrees with exactly the samples clamped to 0: per value [1, 0, 0],
+    overall the share of samples clamped to 0 (about a third)."""
+    ds = load_synthetic(n_train=50, n_test=20, seed=0)
+    model = FMVAE("mlp", ds.x_shape, K=[3, 3], D=2)
+    agreement, per_value = report.judge_samples(model, AlwaysZero(ds.property_K), ds, n=600, seed=0)
+    assert per_value == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
+    assert all(0.25 < a < 0.42 for a in agreement)
+    table = report.property_table(ds.property_names, [0.9, 0.8], agreement, [1.0, 1.0], ds.name, per_value)
+    assert list(table["agreement_per_value"]) == ["0:1.00 1:0.00 2:0.00"] * 2
+
+
+def test_semi_supervised_table_sets_ours_beside_kingma_et_al():
+    t = report.semi_supervised_table([{"name": "10% labels", "labels": 800, "unlabelled": 7200, "acc": 0.95,
+                                       "agreement": 0.9, "judge_acc": 0.93, "elbo": -100.0}])
+    assert list(t["model"]) == ["fmvae (10% labels)", "Kingma et al. 2014, M2", "Kingma et al. 2014, M1+M2"]
+    assert list(t["accuracy_argmax_q_r"]) == [0.95, 0.880, 0.967]
+    assert list(t["unlabelled_train_images"]) == [7200, 50000, 50000]

@@ -3,9 +3,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from fmvae import report
 from helpers import copy_project, run, tiny_params
 
-SWEEP = {"data": "synthetic", "K": [2, 3, 4], "seeds": [0], "I": [1], "cpus_per_trial": 1, "gpus_per_trial": 0,
+SWEEP = {"data": ["synthetic"], "K": [2, 3, 4], "seeds": [0], "I": [1], "cpus_per_trial": 1, "gpus_per_trial": 0,
          "max_failures": 1, "iters": {"pretrain": 30, "prior_init": 10, "joint": 30}}
 
 
@@ -20,14 +21,13 @@ def swept(tmp_path_factory):
 def test_sweep_writes_one_row_per_trial_and_records_the_failed_one(swept):
     root, log = swept
     df = pd.read_csv(root / "reports/sweep/results.csv")
-    for col in ["dataset", "K", "I", "seed", "elbo", "recon", "kl_z", "kl_r", "components_used", "iterations",
-                "wall_s", "status"]:
-        assert col in df.columns
+    assert list(df.columns) == report.RESULT_COLUMNS
     assert sorted(df["K"]) == [2, 3, 4] and set(df["dataset"]) == {"synthetic"}
     done, failed = df[df["status"] == "done"], df[df["status"] == "failed"]
     assert sorted(done["K"]) == [2, 3] and list(failed["K"]) == [4]
     assert "injected failure" in failed["error"].iloc[0]
-    assert (done["iterations"] == 70).all()
+    budget = done[["pretrain_iters", "prior_init_iters", "joint_iters", "batch_size", "train_points", "test_points"]]
+    assert (budget.to_numpy() == [[30, 10, 30, 32, 6000, 1000]] * 2).all(), budget
     assert ((done["elbo"] - (done["recon"] - done["kl_z"] - done["kl_r"])).abs() < 1e-3).all()
     assert (root / "checkpoints/sweep/injected_failures.log").read_text().count("K=4") == 2  # 1 + max_failures
     assert len(list((root / "checkpoints/sweep/pretrain").glob("*.pt"))) == 1  # shared by both K trials

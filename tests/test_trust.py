@@ -113,3 +113,25 @@ def test_readme_quotes_the_committed_metrics():
     for value in (metrics["elbo"], metrics["recon"], metrics["kl_z"], metrics["kl_r"], metrics["iwae"],
                   details["elbo_on_iwae_points"]):
         assert f"{value:.2f}" in readme, value
+
+
+def test_the_committed_sweep_s_params_file_is_valid_and_its_figures_are_declared():
+    """sweep/params.yaml (the committed Figure 3's grid) passes the schema, and sweep/dvc.yaml's report
+    stage declares exactly the files stages/report.py writes for its data sets, so none goes untracked."""
+    params = config.load_params(ROOT / "params.yaml", sweep_file=ROOT / "sweep/params.yaml")
+    spec = yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["stages"]["report"]
+    declared = {next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"] + spec["plots"]}
+    expected = {"reports/figure3.png"} | {f"reports/figure3_{d}.{e}" for d in params["sweep"]["data"]
+                                          for e in ("png", "csv", "md")}
+    assert declared == expected
+    assert "--sweep-params sweep/params.yaml" in yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["stages"]["sweep"]["cmd"]
+
+
+def test_a_sweep_params_file_with_other_sections_is_refused(tmp_path):
+    bad = tmp_path / "sweep.yaml"
+    bad.write_text("sweep: {K: [2]}\njoint: {iters: 5}\n")
+    with pytest.raises(config.ParamError, match="only a `sweep:` section"):
+        config.load_params(ROOT / "params.yaml", sweep_file=bad)
+    bad.write_text("sweep: {data: [binarized_mnist, nope]}\n")
+    with pytest.raises(config.ParamError, match="sweep.data"):
+        config.load_params(ROOT / "params.yaml", sweep_file=bad)
