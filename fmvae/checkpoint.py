@@ -115,11 +115,6 @@ class CheckpointDir:
                 removed.append(other)
         return removed
 
-    def clear(self) -> None:
-        for p in self.paths():
-            p.unlink(missing_ok=True)
-            Path(f"{p}.sha256").unlink(missing_ok=True)
-
 
 def git_commit() -> str:
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -167,6 +168,17 @@ def train_config(params: dict, phase: str) -> TrainConfig:
     fields = {f: flat[key] for f, key in TRAIN_KEYS.items()
               if key == "seed" or key.split(".")[0] in shared + PHASE_SECTIONS[phase]}
     return TrainConfig(iters=params[phase]["iters"], **fields)
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """sha256 over the fmvae package's source: a result (a checkpoint to resume, a sweep trial to
+    reuse) belongs to the code that produced it too."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
 def fingerprint(*parts) -> str:

@@ -85,7 +85,9 @@ def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None
     labels = data_mod.semi_supervised_labels(ds.y_train, params["semi"]["fraction"], model.I, params["seed"])
     data = TrainData(ds.x_train.to(dev), ds.to_float, None if labels is None else labels.to(dev))
     inputs = [sha256_file(p) for p in (data_path, model_in) if p is not None]
-    fp = config.fingerprint(phase, cfg.__dict__, config.model_config(model, phase != "pretrain"), inputs)
+    # settings, shapes, input files and the code: a checkpoint of other code is never resumed
+    fp = config.fingerprint(phase, cfg.__dict__, config.model_config(model, phase != "pretrain"), inputs,
+                            config.code_digest())
     kwargs = {}
     if phase == "joint" and params["semi"]["delta"] > 0 and labels is not None:
         kwargs["gradient_factors"] = list(range(len(ds.property_K)))

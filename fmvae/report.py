@@ -53,7 +53,8 @@ def budget(results: pd.DataFrame) -> str:
 def write_table(df: pd.DataFrame, stem: Path) -> None:
     """The same table as stem.csv and stem.md, each written atomically."""
     atomic_write_text(stem.with_suffix(".csv"), df.to_csv(index=False))
-    atomic_write_text(stem.with_suffix(".md"), df.to_markdown(index=False, floatfmt=".3f") + "\n")
+    blanks = df.astype(object).where(df.notna(), None)  # an empty cell, not "nan", where a value is missing
+    atomic_write_text(stem.with_suffix(".md"), blanks.to_markdown(index=False, floatfmt=".3f", missingval="") + "\n")
 
 
 def _figure3_row(axes, done: pd.DataFrame, dataset: str) -> None:

@@ -15,8 +15,6 @@ Tuner.restore never hands back results of other params.
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
 import json
 import os
 import re
@@ -27,6 +25,7 @@ import pandas as pd
 
 from . import config
 from .checkpoint import atomic_write_json
+from .config import code_digest
 from .pipeline import evaluate_stage, load_data, prepare_data, train_stage
 from .report import RESULT_COLUMNS, TRIAL_REPORT
 
@@ -35,16 +34,6 @@ TRIAL_SECTIONS = ("seed", "device", "data.name", "model", "train", "pretrain", "
                   "evaluate")
 # the subset pre-training reads: trials that agree on these share one pre-trained model
 PRETRAIN_SECTIONS = ("seed", "device", "data.name", "model.I", "model.D", "model.arch", "train", "pretrain")
-
-
-@functools.lru_cache(maxsize=1)
-def code_digest() -> str:
-    """sha256 over the fmvae package's source: a result belongs to the code that produced it too."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
 
 
 def _select(params: dict, keys) -> dict:
@@ -170,8 +159,10 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
         tuner = tune.Tuner.restore(str(storage / name), trainable, resume_errored=False,
                                    restart_errored=retry_failed)
     else:
-        space = {"K": tune.grid_search(list(s["K"])), "seed": tune.grid_search(list(s["seeds"])),
-                 "I": tune.grid_search(list(s["I"])), "dataset": tune.grid_search(list(s["data"])),
+        # Tune varies the first key fastest: the first trials then need different pre-trainings
+        # (data set x seed x I) and run side by side, instead of waiting on one shared pre-training
+        space = {"dataset": tune.grid_search(list(s["data"])), "seed": tune.grid_search(list(s["seeds"])),
+                 "I": tune.grid_search(list(s["I"])), "K": tune.grid_search(list(s["K"])),
                  "root": str(root), "params": params}
         tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
             name=name, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=s["max_failures"]),

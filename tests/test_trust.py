@@ -135,3 +135,25 @@ def test_a_sweep_params_file_with_other_sections_is_refused(tmp_path):
     bad.write_text("sweep: {data: [binarized_mnist, nope]}\n")
     with pytest.raises(config.ParamError, match="sweep.data"):
         config.load_params(ROOT / "params.yaml", sweep_file=bad)
+
+
+def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch, capfd):
+    """A finished stage rerun with the same code resumes from its own last checkpoint (nothing
+    trained again); after a code change it trains from step 0 in a new folder, as `dvc repro`
+    expects of a stage whose code changed."""
+    from fmvae import pipeline
+    from helpers import TINY
+    params = config.validate(TINY)
+    data = tmp_path / "data.pt"
+    pipeline.prepare_data(params, data)
+    ckpt = tmp_path / "ckpt"
+    history = pipeline.train_stage("pretrain", params, data, None, tmp_path / "a.pt", ckpt)
+    (first,) = ckpt.iterdir()
+    capfd.readouterr()
+    assert pipeline.train_stage("pretrain", params, data, None, tmp_path / "b.pt", ckpt) == history
+    assert "pretrain: resuming from step 30" in capfd.readouterr().out
+    monkeypatch.setattr(config, "code_digest", lambda: "the source after an edit")
+    pipeline.train_stage("pretrain", params, data, None, tmp_path / "c.pt", ckpt)
+    assert "resuming" not in capfd.readouterr().out
+    (second,) = ckpt.iterdir()
+    assert second != first  # the old code's folder is pruned once the new run is done
