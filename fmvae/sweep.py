@@ -65,13 +65,14 @@ def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
     return config.validate({k: v for k, v in p.items() if k != "sweep"} | {"sweep": params["sweep"]})
 
 
-def run_trial(cfg: dict) -> dict:
+def run_trial(config_: dict) -> dict:
     """One Tune trial: shared pre-training, prior init, joint training, evaluation (11)."""
     import torch
     from filelock import FileLock
     from ray import tune
 
     start = time.time()
+    cfg = config_ | config_["trial"]  # dataset, K, I, seed
     root = Path(cfg["root"])
     params = trial_params(cfg["params"], cfg["dataset"], cfg["K"], cfg["I"], cfg["seed"])
     torch.set_num_threads(max(1, int(params["sweep"]["cpus_per_trial"])))
@@ -119,9 +120,11 @@ def _last_line(error: BaseException) -> str:
 
 
 def trial_grid(params: dict) -> list[dict]:
+    """Every trial, K slowest: the first trials need different pre-trainings (data set x seed x I)
+    and run side by side, instead of queueing behind one shared pre-training."""
     s = params["sweep"]
     return [{"dataset": d, "K": k, "I": i, "seed": seed}
-            for d in s["data"] for k in s["K"] for seed in s["seeds"] for i in s["I"]]
+            for k in s["K"] for seed in s["seeds"] for d in s["data"] for i in s["I"]]
 
 
 def experiment_name(params: dict) -> str:
@@ -159,11 +162,7 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
         tuner = tune.Tuner.restore(str(storage / name), trainable, resume_errored=False,
                                    restart_errored=retry_failed)
     else:
-        # Tune varies the first key fastest: the first trials then need different pre-trainings
-        # (data set x seed x I) and run side by side, instead of waiting on one shared pre-training
-        space = {"dataset": tune.grid_search(list(s["data"])), "seed": tune.grid_search(list(s["seeds"])),
-                 "I": tune.grid_search(list(s["I"])), "K": tune.grid_search(list(s["K"])),
-                 "root": str(root), "params": params}
+        space = {"trial": tune.grid_search(trial_grid(params)), "root": str(root), "params": params}
         tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
             name=name, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=s["max_failures"]),
             verbose=1))
@@ -172,7 +171,7 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
     rows = []
     for r in grid:
         # a restored trial that errored before reporting has no config in memory; its folder keeps it
-        c = r.config or json.loads((Path(r.path) / "params.json").read_text())
+        c = (r.config or json.loads((Path(r.path) / "params.json").read_text()))["trial"]
         m = r.metrics or {}
         ok = r.error is None and m.get("phase") == "done"
         rows.append({"dataset": c["dataset"], "K": c["K"], "I": c["I"], "seed": c["seed"],

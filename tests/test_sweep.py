@@ -112,3 +112,12 @@ def test_asking_for_gpus_on_a_cluster_without_any_is_a_clear_error(tmp_path):
     assert res.returncode == 1 and "sweep.gpus_per_trial: 0.5 but the Ray cluster has no GPU" in res.stderr
     assert (results.read_bytes() if results.exists() else None) == before
     assert not (root / "checkpoints/sweep/trials").exists()
+
+
+def test_the_first_trials_need_different_pre_trainings():
+    """K varies slowest, so the trials that start together pre-train different (data set, seed) pairs."""
+    from fmvae.sweep import trial_grid
+    grid = trial_grid({"sweep": {"data": ["a", "b"], "seeds": [0, 1], "K": [2, 4], "I": [1]}})
+    assert len(grid) == 8 and len({tuple(sorted(t.items())) for t in grid}) == 8
+    assert [t["K"] for t in grid[:4]] == [2] * 4
+    assert len({(t["dataset"], t["seed"]) for t in grid[:4]}) == 4
