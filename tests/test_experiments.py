@@ -93,3 +93,34 @@ def test_metrics_and_experiment_tables_fit_a_120_column_terminal(repo):
         assert max(len(line) for line in out.splitlines()) <= 120, out
         assert "…" not in out, out  # nothing cut off
         assert "elbo" in out
+
+
+MNIST_SEMI = {"data": {"name": "mnist"}, "model": {"I": 2, "K": [10, 1], "D": 4},
+              "semi": {"fraction": 0.1, "delta": 100.0}, "prior_init": {"init_points": 500, "restarts": 1},
+              "properties": {"judge_iters": 5, "samples": 50}, "plot": {"factors": [0, 1], "samples_per_cell": 2}}
+
+
+def test_the_mnist_table_is_built_from_named_experiments(tmp_path):
+    """Two named experiments on the real labelled MNIST (tiny budget), 10% and 1% of the labels:
+    stages/semi_table.py reads their commits and writes the table beside Kingma et al., with the
+    label counts of the seeded split (800 and 80 of 8,000) and each experiment's own numbers, and
+    copies what produced them (dvc.lock, params, metrics, figures)."""
+    root = copy_project(tmp_path, tiny_params(**MNIST_SEMI))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "project")
+    for name, fraction in (("semi10", 0.1), ("semi1", 0.01)):
+        run(["dvc", "exp", "run", "--temp", "-n", name, "-S", f"semi.fraction={fraction}"], root, timeout=900)
+    run(["python", "stages/semi_table.py", "semi10", "semi1"], root)
+    import pandas as pd
+    table = pd.read_csv(root / "reports/mnist_table.csv")
+    assert list(table["labels"]) == [800, 80, 100, 100]
+    assert list(table["unlabelled_train_images"]) == [7200, 7920, 50000, 50000]
+    for row, name in zip(table.itertuples(), ("semi10", "semi1")):
+        props = json.loads((root / f"reports/mnist_semi/{name}/properties.json").read_text())
+        assert row.accuracy_argmax_q_r == props["acc_digit"] and row.judge_agreement_clamped_samples == props["agreement_digit"]
+        lock = yaml.safe_load((root / f"reports/mnist_semi/{name}/dvc.lock").read_text())
+        assert "properties" in lock["stages"]
+        assert (root / f"reports/mnist_semi/{name}/samples_grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Kingma et al. 2014, M1+M2" in (root / "reports/mnist_table.md").read_text()
+    missing = run(["python", "stages/semi_table.py", "nope"], root, check=False)
+    assert missing.returncode != 0 and "experiment 'nope'" in missing.stderr
