@@ -11,6 +11,7 @@ temporary copy of the repository, so the default profile's outputs are never ove
 Arguments after the name are passed on to `dvc exp run` (e.g. `--queue`).
 """
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -47,4 +48,7 @@ if __name__ == "__main__":
     cmd = command(sys.argv[1], extra)
     print(shlex.join(cmd), flush=True)
     if "--print" not in sys.argv:
-        sys.exit(subprocess.run(cmd, cwd=ROOT).returncode)
+        env = dict(os.environ)
+        if env.get("FMVAE_DATA_MIRROR"):  # --temp runs in a copy elsewhere: a relative mirror would not resolve there
+            env["FMVAE_DATA_MIRROR"] = os.path.abspath(env["FMVAE_DATA_MIRROR"])
+        sys.exit(subprocess.run(cmd, cwd=ROOT, env=env).returncode)

@@ -50,7 +50,8 @@ def copy_project(dest: Path, params: dict | None = None) -> Path:
 def env_with_venv() -> dict:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.setdefault("FMVAE_DATA_MIRROR", str(ROOT.parent / "shared" / "datasets"))
+    # absolute: a test's project copy, and a `dvc exp run --temp` workspace, run in other folders
+    env["FMVAE_DATA_MIRROR"] = str(Path(env.get("FMVAE_DATA_MIRROR") or ROOT.parent / "shared" / "datasets").resolve())
     return env
 
 
