@@ -157,3 +157,32 @@ def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch, c
     assert "resuming" not in capfd.readouterr().out
     (second,) = ckpt.iterdir()
     assert second != first  # the old code's folder is pruned once the new run is done
+
+
+def test_the_committed_mnist_table_belongs_to_its_runs_the_preset_and_this_code():
+    """reports/mnist_table.csv quotes exactly the committed runs in reports/mnist_semi/<name>/; the
+    `mnist_semi` row was produced by presets/mnist_semi.yaml as it is now; every run's dvc.lock
+    records the md5 of the code at HEAD; the README quotes the preset's row."""
+    import hashlib
+
+    import pandas as pd
+    from fmvae.config import _flatten
+    table = pd.read_csv(ROOT / "reports/mnist_table.csv")
+    rows = {row.model.split("(")[1].split(",")[0]: row for row in table.itertuples() if row.model.startswith("fmvae (")}
+    assert "mnist_semi" in rows and len(rows) >= 2
+    for name, row in rows.items():
+        run = ROOT / "reports/mnist_semi" / name
+        props = json.loads((run / "properties.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert (row.accuracy_argmax_q_r, row.judge_agreement_clamped_samples, row.test_elbo) == \
+            (props["acc_digit"], props["agreement_digit"], metrics["elbo"]), name
+        for stage in yaml.safe_load((run / "dvc.lock").read_text())["stages"].values():
+            for dep in stage.get("deps", []):
+                if dep["path"].endswith(".py"):
+                    assert hashlib.md5((ROOT / dep["path"]).read_bytes()).hexdigest() == dep["md5"], (name, dep["path"])
+    preset = _flatten(yaml.safe_load((ROOT / "presets/mnist_semi.yaml").read_text()))
+    used = _flatten(yaml.safe_load((ROOT / "reports/mnist_semi/mnist_semi/params.yaml").read_text()))
+    assert {k: used[k] for k in preset} == preset
+    readme = (ROOT / "README.md").read_text()
+    assert f"{rows['mnist_semi'].accuracy_argmax_q_r:.3f}" in readme
+    assert f"{rows['mnist_semi'].judge_agreement_clamped_samples:.3f}" in readme
