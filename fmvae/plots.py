@@ -118,9 +118,12 @@ def sample_grid(model, ds, factors, max_components: int, path: Path, per_cell: i
 def cluster_figure(model, ds, factor: int, path: Path, n_clusters: int = 8, n_draws: int = 100,
                    n_show: int = 6, names: dict | None = None) -> Path:
     """Figure 4: for each shown component the mean and variance of `n_draws` decoded samples
-    (the variance on one colour scale for every row, with its colour bar) and a few samples."""
+    (the variance on one colour scale for every row, with its colour bar) and a few samples.
+    A named property's factor shows every value (a digit factor all ten); a free one its
+    `n_clusters` heaviest components."""
     names = names or {}
-    comps = components(model, factor, n_clusters, factor in names)
+    named = factor in names
+    comps = components(model, factor, model.K[factor] if named else n_clusters, named)
     stats = []
     for k in comps:
         clamp = torch.full((n_draws, model.I), -1, dtype=torch.long)
@@ -144,7 +147,8 @@ def cluster_figure(model, ds, factor: int, path: Path, n_clusters: int = 8, n_dr
     fig.subplots_adjust(right=0.88, wspace=0.08)
     fig.colorbar(shown, cax=fig.add_axes([0.90, 0.15, 0.015, 0.68]), label="pixel variance (all rows)")
     what = names.get(factor, f"factor {factor}")
-    fig.suptitle(f"{ds.name}: K = {model.K[factor]}, {what}; the {len(comps)} heaviest components", fontsize=9)
+    shown_what = f"each of its {len(comps)} values clamped" if named else f"the {len(comps)} heaviest components"
+    fig.suptitle(f"{ds.name}: K = {model.K[factor]}, {what}; {shown_what}", fontsize=9)
     return _save(fig, path)
 
 

@@ -4,7 +4,7 @@ Layout under `root` (default checkpoints/sweep):
     data/<dataset>.pt                                 prepared once by the driver, one per sweep.data entry
     pretrain/<dataset>-I<I>-D<D>-s<seed>-<fp>.pt      K-independent pre-training, shared by every K trial
     trials/<dataset>-I<I>-K<K>-s<seed>-<fp>/          each trial's checkpoints, model and final.json
-    ray/fmvae-<dataset>-<fp>/                         Tune's own state (Tuner.restore resumes the sweep)
+    ray/fmvae-<dataset>[+<dataset>...]-<fp>/          Tune's own state (Tuner.restore resumes the sweep)
 
 Every <fp> is a fingerprint of all the params the thing depends on (not a hand-picked subset)
 and of the fmvae source code: a trial whose effective params are unchanged is reused without

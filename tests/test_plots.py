@@ -81,6 +81,21 @@ def test_figure4_shares_one_variance_scale_with_a_colour_bar(model_and_data, fig
     assert "K = 3" in fig._suptitle.get_text()
 
 
+
+def test_figure4_shows_every_value_of_a_named_factor_and_only_the_heaviest_of_a_free_one(model_and_data, figures,
+                                                                                       tmp_path):
+    """A digit factor must show all ten digits, not the first n_clusters; a free factor its heaviest."""
+    model, ds = model_and_data
+    plots.cluster_figure(model, ds, 1, tmp_path / "named.png", n_clusters=2, n_draws=5, n_show=2, names={1: "position"})
+    plots.cluster_figure(model, ds, 1, tmp_path / "free.png", n_clusters=2, n_draws=5, n_show=2)
+    named, free = figures
+    assert [ax.get_ylabel() for ax in named.axes[0:12:3]] == [f"position = {k}" for k in range(4)]
+    assert "each of its 4 values" in named._suptitle.get_text()
+    w = model.prior.mixture_weights()[1]
+    assert len(free.axes) == 2 * 3 + 1 and "the 2 heaviest" in free._suptitle.get_text()
+    assert [ax.get_ylabel().split("\n")[0] for ax in free.axes[0:6:3]] == \
+        [f"k={k}" for k in w.argsort(descending=True)[:2].tolist()]
+
 def test_training_curves_one_panel_per_term_on_one_axis_in_nats(tmp_path, figures):
     files = []
     for phase, n, cols in (("pretrain", 3, ["elbo", "recon", "kl"]), ("prior_init", 2, ["kl_z", "kl_r"]),
