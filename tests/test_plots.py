@@ -81,7 +81,6 @@ def test_figure4_shares_one_variance_scale_with_a_colour_bar(model_and_data, fig
     assert "K = 3" in fig._suptitle.get_text()
 
 
-
 def test_figure4_shows_every_value_of_a_named_factor_and_only_the_heaviest_of_a_free_one(model_and_data, figures,
                                                                                        tmp_path):
     """A digit factor must show all ten digits, not the first n_clusters; a free factor its heaviest."""
@@ -95,6 +94,7 @@ def test_figure4_shows_every_value_of_a_named_factor_and_only_the_heaviest_of_a_
     assert len(free.axes) == 2 * 3 + 1 and "the 2 heaviest" in free._suptitle.get_text()
     assert [ax.get_ylabel().split("\n")[0] for ax in free.axes[0:6:3]] == \
         [f"k={k}" for k in w.argsort(descending=True)[:2].tolist()]
+
 
 def test_training_curves_one_panel_per_term_on_one_axis_in_nats(tmp_path, figures):
     files = []
