@@ -105,12 +105,26 @@ class CheckpointDir:
                 warnings.warn(f"skipping unusable checkpoint {path}: {err}", stacklevel=2)
         return None
 
+    def save_snapshot(self, state: dict, step: int) -> Path:
+        """A model kept for evaluation (never pruned): `snapshot-<step>.pt` beside the checkpoints."""
+        path = self.folder / f"snapshot-{step:09d}.pt"
+        save_checked(state, path)
+        return path
+
+    def snapshots(self, up_to: int | None = None) -> list[dict]:
+        """The saved snapshots in step order (those after `up_to` left out: a resumed run's later ones
+        are rewritten when it reaches them)."""
+        paths = sorted(self.folder.glob("snapshot-*.pt")) if self.folder.exists() else []
+        states = [load_checked(p) for p in paths]
+        return [s for s in states if up_to is None or s["step"] <= up_to]
+
     def prune_siblings(self) -> list[Path]:
         """Delete the other folders beside this one (checkpoints of other settings); called when this
         setting's run has finished, so an interrupted run never loses what it could resume from."""
         removed = []
         for other in self.folder.parent.iterdir() if self.folder.parent.exists() else []:
-            if other.is_dir() and other != self.folder and list(other.glob("ckpt-*.pt*")):
+            if other.is_dir() and other != self.folder and (list(other.glob("ckpt-*.pt*"))
+                                                             or list(other.glob("snapshot-*.pt*"))):
                 shutil.rmtree(other)
                 removed.append(other)
         return removed
@@ -125,8 +139,21 @@ def git_commit() -> str:
         return "unknown"
 
 
+def host() -> dict:
+    """The machine a number came from: CPU model, cores, torch's CPU threads, GPU if any (hosts of one
+    kind differ several-fold in speed, and the thread count changes the floating-point sums)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                   if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
+
+
 def provenance(params: dict | None = None) -> dict:
-    """What produced a file: params, seed, package versions, git commit."""
+    """What produced a file: params, seed, package versions, git commit, host and threads."""
     import numpy
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
     try:
@@ -135,4 +162,4 @@ def provenance(params: dict | None = None) -> dict:
     except Exception:
         pass
     return {"params": params or {}, "seed": (params or {}).get("seed"), "versions": versions,
-            "git_commit": git_commit()}
+            "git_commit": git_commit(), "host": host()}

@@ -27,7 +27,7 @@ def prepare_data(params: dict, out: Path) -> data_mod.Dataset:
     """download stage: fetch (mirror or canonical address), check, save compact tensors."""
     d = params["data"]
     folder = data_mod.fetch(d["name"], d["raw_dir"], d["mirror"] or None)
-    ds = data_mod.load(d["name"], folder, params["seed"])
+    ds = data_mod.load(d["name"], folder, params["seed"], d["omniglot_split"], d["partial"])
     config.check_against_data(params, ds)
     data_mod.save_prepared(ds, out)
     print(f"download: {ds.name}: train {tuple(ds.x_train.shape)}, test {tuple(ds.x_test.shape)} -> {out}")
@@ -72,8 +72,11 @@ def write_curve(history: list[dict], path: Path) -> None:
 
 
 def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None, model_out: Path,
-                ckpt_dir: Path, curve_out: Path | None = None, on_log=None) -> list[dict]:
-    """pretrain / prior_init / joint: load, check, train with resume, save."""
+                ckpt_dir: Path, curve_out: Path | None = None, on_log=None,
+                snapshots_out: Path | None = None) -> list[dict]:
+    """pretrain / prior_init / joint: load, check, train with resume, save. model_out holds the
+    averaged weights (train.ema_decay); snapshots_out (joint) the models at the last steps, each
+    averaged and as the last iterate, for evaluate_stage's spread."""
     dev = config.device(params)
     ds = load_data(params, data_path)
     if model_in is None:
@@ -102,6 +105,9 @@ def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None
 
     history = PHASES[phase](model, data, cfg, ckpt, fp, log, meta=provenance(params), **kwargs)
     save_model(model, model_out, params, history, with_prior=phase != "pretrain")
+    if snapshots_out is not None:
+        save_checked({"snapshots": ckpt.snapshots(up_to=cfg.iters), "config": config.model_config(model),
+                      "provenance": provenance(params)}, snapshots_out)
     if curve_out is not None:
         write_curve(history, curve_out)
     ckpt.prune_siblings()
@@ -111,7 +117,29 @@ def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None
     return history
 
 
-def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out: Path | None = None) -> dict:
+@torch.no_grad()
+def snapshot_bounds(params: dict, ds: data_mod.Dataset, path: Path, dev: torch.device) -> dict:
+    """Test bound (11) of each snapshot of the joint phase, averaged and as the last iterate, with the
+    same random numbers for each (seeded): how much the reported number depends on where training stopped."""
+    saved = load_checked(path)
+    model = config.build_model(params, ds).to(dev)
+    config.check_model_config(saved["config"], model, path)
+    x_test = ds.x_test.to(dev)
+    out = {"steps": [s["step"] for s in saved["snapshots"]], "elbo_average": [], "elbo_last_iterate": []}
+    for snap in saved["snapshots"]:
+        for kind in ("average", "last_iterate"):
+            model.load_state_dict(snap[kind])
+            torch.manual_seed(params["seed"])
+            out[f"elbo_{kind}"].append(ev.evaluate_bound(model, x_test, ds.to_float,
+                                                         samples=params["evaluate"]["recon_samples"])["elbo"])
+    for kind in ("average", "last_iterate"):
+        values = out[f"elbo_{kind}"]
+        out[f"spread_{kind}"] = max(values) - min(values) if values else None
+    return out
+
+
+def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out: Path | None = None,
+                   snapshots_path: Path | None = None) -> dict:
     """Test bound (11) and its parts, components in use, IWAE, accuracies.
 
     Three files, side by side: metrics.json holds only the numbers a researcher compares across
@@ -139,6 +167,13 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
         metrics["iwae"] = ev.importance_weighted_log_likelihood(model, subset, ds.to_float, e["iw_samples"])
         details["elbo_on_iwae_points"] = ev.evaluate_bound(model, subset, ds.to_float, samples=e["recon_samples"])["elbo"]
         details["iwae_samples"], details["iwae_points"] = e["iw_samples"], n
+    if ds.info:  # e.g. a partial CelebA: how many images were listed, absent, kept per partition
+        details["data"] = ds.info
+    if snapshots_path is not None and Path(snapshots_path).exists():
+        snaps = snapshot_bounds(params, ds, Path(snapshots_path), dev)
+        details["snapshots"] = snaps
+        if len(snaps["steps"]) > 1:  # max - min of the averaged model's bound over the last snapshots
+            metrics["elbo_spread"] = snaps["spread_average"]
     if ds.y_test is not None:
         a = res["assignments"]
         semi = params["semi"]["fraction"] > 0
@@ -152,7 +187,9 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
     if metrics_out is not None:
         metrics_out = Path(metrics_out)
         inputs = {os.path.relpath(p): sha256_file(p) for p in (data_path, model_path)}  # repo-relative under DVC
-        atomic_write_json(metrics_out.with_name("provenance.json"), provenance(params) | {"inputs": inputs})
+        inputs |= {os.path.relpath(snapshots_path): sha256_file(snapshots_path)} if details.get("snapshots") else {}
+        atomic_write_json(metrics_out.with_name("provenance.json"), provenance(params) | {"inputs": inputs}
+                          | ({"data": ds.info} if ds.info else {}))
         atomic_write_json(metrics_out.with_name("evaluation.json"), details)
         atomic_write_json(metrics_out, metrics)
     print("evaluate: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))

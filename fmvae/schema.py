@@ -6,7 +6,7 @@ if any of them drifts (tests/test_trust.py).
 """
 from __future__ import annotations
 
-from .data import DATASETS
+from .data import DATASETS, OMNIGLOT_SPLITS
 
 ORDERS = ("reuse", "paper", "fused")  # the joint step's orders (fmvae.train.joint_step)
 
@@ -21,6 +21,8 @@ SCHEMA = {
     "data.name": ("binarized_mnist", str, lambda v: v in DATASETS, "one of " + ", ".join(DATASETS)),
     "data.mirror": ("", str, None, ""),
     "data.raw_dir": ("data/raw", str, None, ""),
+    "data.omniglot_split": ("characters", str, lambda v: v in OMNIGLOT_SPLITS, "characters (15 + 5 drawings of each character, the paper's) or alphabets"),
+    "data.partial": (False, bool, None, "true or false (true: load the images present when some listed ones are absent)"),
     "model.I": (1, int, _pos, ">= 1"),
     "model.K": (16, (int, list), lambda v: all(isinstance(k, int) and k >= 1 for k in ([v] if isinstance(v, int) else v)) and v != [], "an int >= 1 or a list of them, one per factor"),
     "model.D": (32, int, _pos, ">= 1"),
@@ -29,6 +31,7 @@ SCHEMA = {
     "train.lr": (1e-3, float, _pos, "> 0"),
     "train.log_every": (100, int, _pos, ">= 1"),
     "train.checkpoint_every_s": (120.0, float, _nonneg, ">= 0"),
+    "train.ema_decay": (0.999, float, lambda v: 0 <= v < 1, "in [0, 1) (0: no averaging; stages use the last iterate)"),
     "train.nan_policy": ("stop", str, lambda v: v in ("stop", "skip"), "stop or skip"),
     "train.bf16": (False, bool, None, "true or false"),
     "train.compile": (False, bool, None, "true or false (torch.compile the differentiable part of each step)"),
@@ -45,6 +48,8 @@ SCHEMA = {
     "joint.kl_z_weight": (1.0, float, _pos, "> 0"),
     "joint.kl_z_anneal_iters": (0, int, _nonneg, ">= 0"),
     "joint.order": ("reuse", str, lambda v: v in ORDERS, "one of " + ", ".join(ORDERS)),
+    "joint.snapshots": (5, int, _nonneg, ">= 0 (models kept at the last steps, for the spread of the test bound)"),
+    "joint.snapshot_every": (200, int, _pos, ">= 1 (iterations between those snapshots)"),
     "semi.delta": (0.0, float, _nonneg, ">= 0"),
     "semi.fraction": (0.0, float, _unit, "in [0, 1]"),
     "evaluate.recon_samples": (1, int, _pos, ">= 1"),

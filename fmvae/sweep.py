@@ -62,6 +62,7 @@ def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
         if params["sweep"]["iters"][phase] is not None:
             p[phase]["iters"] = params["sweep"]["iters"][phase]
     p["evaluate"]["iw_samples"] = 0  # a trial reports the bound (11) and its parts; IWAE is not part of Figure 3
+    p["joint"]["snapshots"] = 0  # nor the spread over the last snapshots (a trial would keep 2 models per snapshot)
     return config.validate({k: v for k, v in p.items() if k != "sweep"} | {"sweep": params["sweep"]})
 
 

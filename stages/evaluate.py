@@ -4,4 +4,5 @@ from _common import DATA, MODELS, REPORTS, main
 from fmvae.pipeline import evaluate_stage
 
 if __name__ == "__main__":
-    main(lambda params: evaluate_stage(params, DATA, MODELS / "joint.pt", REPORTS / "metrics.json"))
+    main(lambda params: evaluate_stage(params, DATA, MODELS / "joint.pt", REPORTS / "metrics.json",
+                                       MODELS / "joint_snapshots.pt"))

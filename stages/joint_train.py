@@ -5,4 +5,5 @@ from fmvae.pipeline import train_stage
 
 if __name__ == "__main__":
     main(lambda params: train_stage("joint", params, DATA, MODELS / "prior_init.pt", MODELS / "joint.pt",
-                                    CHECKPOINTS / "joint", CURVES / "joint.csv"))
+                                    CHECKPOINTS / "joint", CURVES / "joint.csv",
+                                    snapshots_out=MODELS / "joint_snapshots.pt"))

@@ -19,25 +19,28 @@ from .celeba import CELEBA_PROPERTIES, find_celeba, load_celeba, read_celeba_att
 from .core import DATASETS, DataError, Dataset, semi_supervised_labels
 from .fetch import FILES, OPTIONAL, RemoteFile, _install, fetch, fetch_file, refuse_html, sha256_file
 from .mnist import load_binarized_mnist, load_mnist, read_binarized_mnist_split, read_idx
-from .omniglot import load_omniglot, omniglot_pngs
+from .omniglot import OMNIGLOT_SPLITS, load_omniglot, omniglot_pngs, split_within_characters
 from .synthetic import factorial_vectors, load_synthetic, synthetic_images
 
 __all__ = ["CELEBA_PROPERTIES", "DATASETS", "DataError", "Dataset", "FILES", "OPTIONAL", "RemoteFile", "factorial_vectors",
            "fetch", "fetch_file", "find_celeba", "load", "load_binarized_mnist", "load_celeba", "load_mnist",
-           "load_omniglot", "load_prepared", "load_synthetic", "omniglot_pngs", "read_binarized_mnist_split",
+           "load_omniglot", "load_prepared", "OMNIGLOT_SPLITS", "split_within_characters", "load_synthetic", "omniglot_pngs", "read_binarized_mnist_split",
            "read_celeba_attributes", "read_idx", "refuse_html", "save_prepared", "semi_supervised_labels",
            "sha256_file", "synthetic_images", "_install"]
 
 
-def load(name: str, folder: Path | None, seed: int = 0) -> Dataset:
+def load(name: str, folder: Path | None, seed: int = 0, omniglot_split: str = "characters",
+         partial: bool = False) -> Dataset:
+    """The data set `name` from `folder`; `omniglot_split` and `partial` are the params data.omniglot_split
+    and data.partial (each read by one data set only)."""
     if name == "binarized_mnist":
         return load_binarized_mnist(folder)
     if name == "mnist":
         return load_mnist(folder, seed)
     if name == "omniglot":
-        return load_omniglot(folder, seed)
+        return load_omniglot(folder, seed, omniglot_split)
     if name == "celeba":
-        return load_celeba(folder)
+        return load_celeba(folder, partial=partial)
     if name == "synthetic":
         return load_synthetic(seed=seed)
     raise ValueError(f"data.name: unknown data set {name!r}; choose one of {', '.join(DATASETS)}")

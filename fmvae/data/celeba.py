@@ -9,6 +9,7 @@ with antialiasing, the same code for both sources, so both give the same tensors
 from __future__ import annotations
 
 import os
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -104,8 +105,9 @@ def decode_all(folder: Path, files: list[str], size: int = 64, workers: int | No
     absent = source.missing(files)
     if absent:
         where = source.zip_path or source.folder
-        raise DataError(f"celeba: {len(absent)} images listed in {ATTRIBUTES} are missing from {where}, "
-                        f"e.g. {absent[:3]}")
+        raise DataError(f"celeba: {len(absent)} of the {len(files)} images listed in {ATTRIBUTES} are missing from "
+                        f"{where}, e.g. {absent[:3]} (an interrupted download?). To train on the {len(files) - len(absent)} "
+                        "images present, set data.partial: true")
     workers = workers or min(8, os.cpu_count() or 1)
     chunks = [files[i:i + 256] for i in range(0, len(files), 256)]
 
@@ -124,18 +126,37 @@ def decode_all(folder: Path, files: list[str], size: int = 64, workers: int | No
     return out
 
 
-def load_celeba(folder: Path, size: int = 64, progress: bool = True) -> Dataset:
-    """CelebA from the zip or the folder; test = partition 2 (or a seeded 10% without the partition file)."""
+def load_celeba(folder: Path, size: int = 64, progress: bool = True, partial: bool = False) -> Dataset:
+    """CelebA from the zip or the folder; test = partition 2 (or a seeded 10% without the partition file).
+
+    Every image the attribute file lists must be present, unless `partial` (data.partial): then
+    exactly the images present load, and Dataset.info records how many were listed, absent, and
+    kept per partition, so that a number trained on a partial set says so."""
     files, y = read_celeba_attributes(folder / ATTRIBUTES)
     partition = {}
     part_file = folder / PARTITION
     if part_file.exists():
         refuse_html(part_file)
         partition = dict(ln.split() for ln in part_file.read_text().splitlines() if ln.strip())
+    listed = len(files)
+    if partial:
+        present = set(files) - set(_Source(folder).missing(files))
+        keep = np.array([f in present for f in files], dtype=bool)
+        if not keep.any():
+            raise DataError(f"celeba: none of the {listed} images listed in {ATTRIBUTES} is present in {folder}")
+        files, y = [f for f, k in zip(files, keep) if k], y[keep]
+    start = time.monotonic()
     x = decode_all(folder, files, size, progress=progress)
+    if progress:  # a rate, not part of the data set: the prepared file stays the same bytes on every host
+        print(f"celeba: decoded {len(files)} images in {time.monotonic() - start:.1f} s "
+              f"({len(files) / max(time.monotonic() - start, 1e-9):.0f} images/s, {os.cpu_count()} cores)")
     test = torch.tensor([partition.get(f, "0") == "2" for f in files])
     if not test.any():  # no partition file: seeded 90/10 split
         test = torch.zeros(len(files), dtype=torch.bool)
         test[torch.randperm(len(files), generator=torch.Generator().manual_seed(0))[: max(1, len(files) // 10)]] = True
+    counts = {name: sum(partition.get(f, "0") == code for f in files) for code, name in
+              (("0", "train"), ("1", "valid"), ("2", "test"))} if partition else {}
+    info = {"listed": listed, "absent": listed - len(files), "partial": partial, "loaded": len(files),
+            "partition_counts": counts, "train_images": int((~test).sum()), "test_images": int(test.sum())}
     yt = torch.from_numpy(y)
-    return Dataset("celeba", x[~test], x[test], "rgb", yt[~test], yt[test], list(CELEBA_PROPERTIES), [2, 2, 2])
+    return Dataset("celeba", x[~test], x[test], "rgb", yt[~test], yt[test], list(CELEBA_PROPERTIES), [2, 2, 2], info)

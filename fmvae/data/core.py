@@ -22,6 +22,7 @@ class Dataset:
     y_test: torch.Tensor | None = None
     property_names: list[str] = field(default_factory=list)
     property_K: list[int] = field(default_factory=list)
+    info: dict = field(default_factory=dict)  # what a reader wants recorded: counts, splits, absent files
 
     @property
     def arch(self) -> str:
@@ -41,7 +42,7 @@ class Dataset:
 
     def state(self) -> dict:
         return {k: getattr(self, k) for k in ("name", "x_train", "x_test", "kind", "y_train", "y_test",
-                                                "property_names", "property_K")}
+                                                "property_names", "property_K", "info")}
 
 
 def semi_supervised_labels(y: torch.Tensor | None, fraction: float, n_factors: int, seed: int) -> torch.Tensor | None:
