@@ -6,6 +6,7 @@ any work starts.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 import functools
@@ -76,6 +77,10 @@ def validate(params: dict) -> dict:
         k = full["model.K"]
         if isinstance(k, list) and len(k) != full["model.I"]:
             errors.append(f"model.K: a list needs one entry per factor (model.I = {full['model.I']}), got {len(k)}")
+        if full["model.channels"] and full["model.arch"] not in ("conv64", "auto"):
+            errors.append(f"model.channels: set for model.arch {full['model.arch']!r}; only conv64 takes widths")
+        if full["model.channels"] and full["model.arch"] == "auto" and full["data.name"] != "celeba":
+            errors.append(f"model.channels: set for {full['data.name']!r}; only CelebA's conv64 takes widths")
         if max(full["plot.factors"]) >= full["model.I"]:
             errors.append(f"plot.factors: {full['plot.factors']} names a factor >= model.I = {full['model.I']}")
         if full["data.name"] == "synthetic" and full["semi.fraction"] > 0 and full["model.I"] < 2:
@@ -138,12 +143,15 @@ def device(params: dict) -> torch.device:
 
 def build_model(params: dict, ds: Dataset) -> FMVAE:
     arch = params["model"]["arch"]
-    return FMVAE(ds.arch if arch == "auto" else arch, ds.x_shape, K_list(params), params["model"]["D"], Hyperprior())
+    return FMVAE(ds.arch if arch == "auto" else arch, ds.x_shape, K_list(params), params["model"]["D"], Hyperprior(),
+                 params["model"]["channels"])
 
 
 def model_config(model: FMVAE, with_prior: bool = True) -> dict:
     """Shapes a saved model was built with; without the prior (pre-training) K does not matter."""
     cfg = {"arch": model.arch, "x_shape": list(model.x_shape), "I": model.I, "D": model.D}
+    if model.channels:  # only when set: the shapes of files saved before model.channels existed still match
+        cfg["channels"] = list(model.channels)
     return cfg | {"K": list(model.K)} if with_prior else cfg
 
 
@@ -151,9 +159,9 @@ def check_model_config(saved: dict, model: FMVAE, path) -> None:
     """A checkpoint built with other shapes than params.yaml asks for is an error naming the key."""
     want = model_config(model, with_prior="K" in saved)
     for key, name in (("I", "model.I"), ("D", "model.D"), ("K", "model.K"), ("arch", "model.arch"),
-                      ("x_shape", "data.name")):
-        if key in want and saved.get(key) != want[key]:
-            raise ParamError(f"{name}: {path} was trained with {key} = {saved.get(key)}, params ask for {want[key]}; "
+                      ("channels", "model.channels"), ("x_shape", "data.name")):
+        if saved.get(key) != want.get(key) and (key in want or key == "channels"):
+            raise ParamError(f"{name}: {path} was trained with {key} = {saved.get(key)}, params ask for {want.get(key)}; "
                              "rerun the earlier stages (dvc repro) or fix params.yaml")
 
 
@@ -170,13 +178,50 @@ def train_config(params: dict, phase: str) -> TrainConfig:
     return TrainConfig(iters=params[phase]["iters"], **fields)
 
 
+def training_sources(start: str = "pipeline.py") -> list[Path]:
+    """The package's source files that `start` runs when it trains and evaluates: its module-level
+    imports within fmvae, followed transitively (package __init__ files included). Imports inside
+    functions are left out on purpose: there the pipeline loads fmvae.plots and fmvae.report, which
+    draw figures and tables from a trained model and never change one (their stages depend on them
+    through dvc.yaml). tests/test_trust.py checks this list against what the stages import."""
+    root = Path(__file__).resolve().parent
+    seen: set[Path] = set()
+    todo = [root / start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for parent in path.relative_to(root).parents:  # importing a.b runs a/__init__.py first
+            if (root / parent / "__init__.py").exists():
+                todo.append(root / parent / "__init__.py")
+        for node in ast.parse(path.read_text()).body:
+            if not (isinstance(node, ast.ImportFrom) and node.level > 0):
+                continue
+            base = path.parent
+            for _ in range(node.level - 1):
+                base = base.parent
+            if node.module:
+                base = base.joinpath(*node.module.split("."))
+            names = [base] + ([base / a.name for a in node.names] if not node.module else
+                              [base / a.name for a in node.names if (base / a.name).exists()
+                               or (base / f"{a.name}.py").exists()])
+            for target in names:
+                for candidate in (target / "__init__.py", target.with_suffix(".py")):
+                    if candidate.is_file() and candidate.resolve().is_relative_to(root):
+                        todo.append(candidate)
+                        break
+    return sorted(seen)
+
+
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """sha256 over the fmvae package's source: a result (a checkpoint to resume, a sweep trial to
-    reuse) belongs to the code that produced it too."""
+    """sha256 over the source the pipeline trains and evaluates with (training_sources): a result
+    (a checkpoint to resume, a sweep trial to reuse) belongs to the code that produced it too, and
+    a change to a figure or a table alone retrains nothing."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parent
-    for path in sorted(root.rglob("*.py")):
+    for path in training_sources():
         h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()
 

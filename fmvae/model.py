@@ -40,12 +40,12 @@ def _full_precision(t: Tensor) -> Tensor:
 
 class FMVAE(nn.Module):
     def __init__(self, arch: str, x_shape: Sequence[int], K: Sequence[int] | int, D: int,
-                 hyper: Hyperprior = Hyperprior()):
+                 hyper: Hyperprior = Hyperprior(), channels: Sequence[int] = ()):
         super().__init__()
         self.prior = FactorialMixturePrior(K, D, hyper)
         self.I, self.D, self.K = self.prior.I, self.prior.D, self.prior.K
-        self.arch, self.x_shape = arch, tuple(x_shape)
-        self.encoder, self.decoder = make_networks(arch, self.I * self.D, x_shape)
+        self.arch, self.x_shape, self.channels = arch, tuple(x_shape), tuple(channels)
+        self.encoder, self.decoder = make_networks(arch, self.I * self.D, x_shape, self.channels)
 
     def network_parameters(self) -> list[nn.Parameter]:
         """theta and phi."""

@@ -78,16 +78,18 @@ class BernoulliDecoder(nn.Module):
 
 
 class GaussianDecoder(nn.Module):
-    """z -> per-pixel, per-colour mean and std of p(x|z) (6 output channels); std in [0.001, 0.4]."""
+    """z -> per-pixel, per-colour mean and std of p(x|z) (6 output channels); std in [0.001, 0.4].
+    The transposed conv64 stack at the encoder's `channels` (the paper's 128-256-512-1024 by default)."""
     STD_MIN, STD_MAX = 0.001, 0.4
 
-    def __init__(self, latent: int):
+    def __init__(self, latent: int, channels=CONV64_CHANNELS):
         super().__init__()
-        c = CONV64_CHANNELS[-1]
+        c, strides = channels[-1], (2,) * len(channels)
+        final = _conv_sizes(64, strides)[1]
         self.body = nn.Sequential(
-            nn.Linear(latent, c * CONV64_FINAL ** 2), nn.ReLU(),
-            nn.Unflatten(1, (c, CONV64_FINAL, CONV64_FINAL)),
-            _deconv_stack(6, CONV64_CHANNELS, (2,) * len(CONV64_CHANNELS), 64),
+            nn.Linear(latent, c * final ** 2), nn.ReLU(),
+            nn.Unflatten(1, (c, final, final)),
+            _deconv_stack(6, channels, strides, 64),
         )
 
     def forward(self, z: Tensor):
@@ -121,16 +123,21 @@ class MLPDecoder(nn.Module):
         return self(z)
 
 
-def make_networks(arch: str, latent: int, x_shape) -> tuple[nn.Module, nn.Module]:
-    """(encoder, decoder) for arch in {'conv28', 'conv64', 'mlp'}; encoder emits 2*latent numbers."""
+def make_networks(arch: str, latent: int, x_shape, channels=()) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) for arch in {'conv28', 'conv64', 'mlp'}; encoder emits 2*latent numbers.
+    `channels` (model.channels) sets conv64's widths, one stride-2 layer each; empty: the paper's."""
+    if channels and arch != "conv64":
+        raise ValueError(f"model.channels: only the conv64 architecture takes channel widths, not {arch}")
     if arch == "conv28":
         enc = nn.Sequential(_conv_stack(1, CONV28_CHANNELS, CONV28_STRIDES), nn.Flatten(),
                             nn.Linear(CONV28_CHANNELS[-1] * CONV28_FINAL ** 2, 2 * latent))
         return enc, BernoulliDecoder(latent)
     if arch == "conv64":
-        enc = nn.Sequential(_conv_stack(3, CONV64_CHANNELS, (2,) * 4), nn.Flatten(),
-                            nn.Linear(CONV64_CHANNELS[-1] * CONV64_FINAL ** 2, 2 * latent))
-        return enc, GaussianDecoder(latent)
+        channels = tuple(channels) or CONV64_CHANNELS
+        strides = (2,) * len(channels)
+        enc = nn.Sequential(_conv_stack(3, channels, strides), nn.Flatten(),
+                            nn.Linear(channels[-1] * _conv_sizes(64, strides)[1] ** 2, 2 * latent))
+        return enc, GaussianDecoder(latent, channels)
     if arch == "mlp":
         x_dim = int(torch.tensor(x_shape).prod())
         enc = nn.Sequential(nn.Flatten(), nn.Linear(x_dim, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),

@@ -197,51 +197,23 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
 
 
 def plot_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path, curves: list[Path]) -> list[Path]:
-    """Sample grid over two factors (Figures 1/6/8), per-component mean/variance/samples (Figure 4),
-    training curves. Factors clamped to a property in training are labelled with its name."""
+    """The trained model's figures (fmvae.plots.model_figures): loaded here, drawn there, so that a new
+    figure changes fmvae/plots.py alone and retrains nothing (config.training_sources)."""
     from . import plots
     dev = config.device(params)
     ds = load_data(params, data_path)
     model = load_model(params, ds, model_path, dev)
     torch.manual_seed(params["seed"])
-    p = params["plot"]
-    names = ({i: n for i, n in enumerate(ds.property_names) if i < model.I}
-             if params["semi"]["fraction"] > 0 else {})
-    grid, _ = plots.sample_grid(model, ds, p["factors"], p["max_components"], out_dir / "samples_grid.png",
-                                per_cell=p["samples_per_cell"], names=names)
-    written = [grid, plots.cluster_figure(model, ds, p["factors"][0], out_dir / "clusters.png", names=names),
-               plots.training_curves(curves, out_dir / "training_curves.png")]
+    written = plots.model_figures(model, ds, params, out_dir, curves)
     print("plot: " + ", ".join(str(w) for w in written))
     return written
 
 
 def properties_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path):
-    """Per labelled property: accuracy of argmax q(r_i|x) on the test set, and the agreement of an
-    automatic judge (a classifier trained on the real labelled images) with the clamped value of
-    samples; written as reports/<dataset>_table.{md,csv}, and as reports/properties.json (the metrics
-    `dvc exp show` compares: acc_<p>, agreement_<p>, judge_acc_<p>). Data sets without labels get an
-    empty table and an empty properties.json."""
+    """The per-property table of a semi-supervised model (fmvae.report.property_reports): loaded here,
+    computed there, for the same reason as plot_stage."""
     from . import report
     dev = config.device(params)
     ds = load_data(params, data_path)
     model = load_model(params, ds, model_path, dev)
-    stem = out_dir / f"{ds.name}_table"
-    semi = params["semi"]["fraction"] > 0
-    if ds.y_train is None or not semi:
-        why = "has no labelled properties" if ds.y_train is None else "was trained without labels (semi.fraction = 0)"
-        report.write_table(report.property_table([], [], [], [], ds.name), stem)
-        atomic_write_json(out_dir / "properties.json", {})
-        print(f"properties: {ds.name} {why}; wrote an empty {stem}.md")
-        return None
-    res = ev.evaluate_bound(model, ds.x_test.to(dev), ds.to_float)
-    acc = [ev.supervised_accuracy(res["assignments"][:, p], ds.y_test[:, p]) for p in range(len(ds.property_K))]
-    p = params["properties"]
-    judge, judge_acc = report.train_judge(ds, p["judge_iters"], seed=params["seed"], device=dev)
-    agreement, per_value = report.judge_samples(model, judge, ds, p["samples"], params["seed"])
-    table = report.property_table(ds.property_names, acc, agreement, judge_acc, ds.name, per_value)
-    report.write_table(table, stem)
-    atomic_write_json(out_dir / "properties.json", {f"{key}_{name}": v[i] for i, name in enumerate(ds.property_names)
-                                                    for key, v in (("acc", acc), ("agreement", agreement),
-                                                                   ("judge_acc", judge_acc))})
-    print(table.to_string(index=False))
-    return table
+    return report.property_reports(model, ds, params, out_dir, dev)

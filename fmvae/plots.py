@@ -191,3 +191,15 @@ def training_curves(curve_files, path: Path) -> Path:
     fig.suptitle("training curves (dashed: phase boundaries)", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def model_figures(model, ds, params: dict, out_dir: Path, curves) -> list[Path]:
+    """Sample grid over two factors (Figures 1/6/8), per-component mean/variance/samples (Figure 4),
+    training curves. Factors clamped to a property in training are labelled with its name."""
+    p = params["plot"]
+    names = ({i: n for i, n in enumerate(ds.property_names) if i < model.I}
+             if params["semi"]["fraction"] > 0 else {})
+    grid, _ = sample_grid(model, ds, p["factors"], p["max_components"], out_dir / "samples_grid.png",
+                          per_cell=p["samples_per_cell"], names=names)
+    return [grid, cluster_figure(model, ds, p["factors"][0], out_dir / "clusters.png", names=names),
+            training_curves(curves, out_dir / "training_curves.png")]

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .checkpoint import atomic_write_bytes, atomic_write_text
+from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # Test ELBOs the paper reports (section 4.1): data set -> (K, ELBO).
 PAPER_ELBO = {"binarized_mnist": (512, -85.77), "omniglot": (256, -90.89)}
@@ -27,17 +27,32 @@ TRIAL_REPORT = ["elbo", "recon", "kl_z", "kl_r", "components_used", "pretrain_it
 RESULT_COLUMNS = ["dataset", "K", "I", "seed", *TRIAL_REPORT, "status", "error", "fingerprint"]
 
 
-TERM_TITLES = {"elbo": "test ELBO (11)", "recon": "reconstruction E[log p(x|z)]", "kl_z": "KL[z]", "kl_r": "KL[r]"}
+TERM_TITLES = {"elbo": "test ELBO (11)", "recon": "reconstruction E[log p(x|z)]", "kl_z": "KL[z]", "kl_r": "KL[r]",
+               "elbo_change": "test ELBO minus its seed's K = {k} trial"}
 # the paper's budget (appendix E), written beside ours on Figure 3
 PAPER_BUDGET = "paper: 1e5 + 2e4 + 2e5 iterations, full training sets"
 
 
-def aggregate(results: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std, min and max over seeds of each term, per (dataset, I, K); finished trials only."""
+def paired_change(results: pd.DataFrame, term: str = "elbo") -> pd.Series:
+    """Each finished trial's `term` minus that of its own seed's smallest-K trial (same data set, I
+    and seed): the K effect read free of the offset a seed's pre-training gives all its K."""
     done = results[results["status"] == "done"]
-    g = done.groupby(["dataset", "I", "K"])[list(TERMS)]
+    keys = ["dataset", "I", "seed"]
+    base = done.sort_values("K").groupby(keys)[term].transform("first")
+    return (done[term] - base).rename(f"{term}_change")
+
+
+def aggregate(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean, std, min and max over seeds of each term, per (dataset, I, K), the seed band (max - min)
+    of the ELBO, and the same statistics of the ELBO's change from each seed's own smallest-K trial
+    (paired_change); finished trials only."""
+    done = results[results["status"] == "done"].assign(elbo_change=paired_change(results))
+    cols = list(TERMS) + ["elbo_change"]
+    g = done.groupby(["dataset", "I", "K"])[cols]
     out = (g.mean().add_suffix("_mean").join(g.std(ddof=0).add_suffix("_std")).join(g.min().add_suffix("_min"))
            .join(g.max().add_suffix("_max")).join(g.size().rename("seeds")))
+    out["elbo_band"] = out["elbo_max"] - out["elbo_min"]
+    out["elbo_change_band"] = out["elbo_change_max"] - out["elbo_change_min"]
     return out.reset_index().sort_values(["dataset", "I", "K"])
 
 
@@ -58,11 +73,13 @@ def write_table(df: pd.DataFrame, stem: Path) -> None:
 
 
 def _figure3_row(axes, done: pd.DataFrame, dataset: str) -> None:
-    """One data set's four panels: each term against K on a log2 axis, mean over seeds with the
-    min-max band and every seed's value as a dot."""
+    """One data set's five panels: each term against K on a log2 axis, mean over seeds with the
+    min-max band and every seed's value as a dot; the fifth the ELBO paired by seed (paired_change),
+    so that the K effect shows without the seeds' common offsets."""
     agg = aggregate(done)
+    done = done.assign(elbo_change=paired_change(done))
     seeds = sorted(done["seed"].unique())
-    for ax, term in zip(axes, TERMS):
+    for ax, term in zip(axes, TERMS + ("elbo_change",)):
         for I, part in agg.groupby("I"):
             K = part["K"].to_numpy()
             line, = ax.plot(K, part[f"{term}_mean"], "o-", ms=4,
@@ -80,7 +97,9 @@ def _figure3_row(axes, done: pd.DataFrame, dataset: str) -> None:
         ax.minorticks_off()
         ax.set_xlabel("K (components, log2 axis)")
         ax.set_ylabel("nats per image")
-        ax.set_title(f"{dataset}: {TERM_TITLES[term]}", fontsize=9)
+        ax.set_title(f"{dataset}: {TERM_TITLES[term].format(k=min(done['K']))}", fontsize=9)
+        if term == "elbo_change":  # zero at the smallest K by construction: the line to read the K effect from
+            ax.axhline(0.0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
 
@@ -106,13 +125,13 @@ def figure3(results: pd.DataFrame, out_dir: Path) -> list[Path]:
     for dataset in datasets:
         part = done[done["dataset"] == dataset]
         write_table(aggregate(part), out_dir / f"figure3_{dataset}")
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.6), constrained_layout=True)
+        fig, axes = plt.subplots(1, 5, figsize=(20, 3.6), constrained_layout=True)
         _figure3_row(axes, part, dataset)
         fig.suptitle(f"Figure 3, {dataset}: {budget(part)} ({PAPER_BUDGET})", fontsize=9)
         written += [_save_png(fig, out_dir / f"figure3_{dataset}.png"), out_dir / f"figure3_{dataset}.csv",
                     out_dir / f"figure3_{dataset}.md"]
         plt.close(fig)
-    fig, axes = plt.subplots(len(datasets), 4, figsize=(16, 3.6 * len(datasets)), squeeze=False,
+    fig, axes = plt.subplots(len(datasets), 5, figsize=(20, 3.6 * len(datasets)), squeeze=False,
                              constrained_layout=True)
     for row, dataset in zip(axes, datasets):
         _figure3_row(row, done[done["dataset"] == dataset], dataset)
@@ -215,3 +234,31 @@ def semi_supervised_table(runs: list[dict]) -> pd.DataFrame:
     rows += [{"model": f"Kingma et al. 2014, {m}", "labels": 100, "unlabelled_train_images": 50000,
               "accuracy_argmax_q_r": a} for m, a in KINGMA_2014_MNIST_100.items()]
     return pd.DataFrame(rows)
+
+
+def property_reports(model, ds, params: dict, out_dir: Path, dev: torch.device) -> pd.DataFrame | None:
+    """Per labelled property: accuracy of argmax q(r_i|x) on the test set, and the agreement of an
+    automatic judge (a classifier trained on the real labelled images) with the clamped value of
+    samples; written as <out_dir>/<dataset>_table.{md,csv}, and as <out_dir>/properties.json (a plain
+    output, not a metrics file: acc_<p>, agreement_<p>, judge_acc_<p>, read by stages/semi_table.py).
+    Data sets without labels, or trained without them, get an empty table and an empty properties.json."""
+    from .evaluate import evaluate_bound, supervised_accuracy
+    stem = out_dir / f"{ds.name}_table"
+    if ds.y_train is None or not params["semi"]["fraction"] > 0:
+        why = "has no labelled properties" if ds.y_train is None else "was trained without labels (semi.fraction = 0)"
+        write_table(property_table([], [], [], [], ds.name), stem)
+        atomic_write_json(out_dir / "properties.json", {})
+        print(f"properties: {ds.name} {why}; wrote an empty {stem}.md")
+        return None
+    res = evaluate_bound(model, ds.x_test.to(dev), ds.to_float)
+    acc = [supervised_accuracy(res["assignments"][:, p], ds.y_test[:, p]) for p in range(len(ds.property_K))]
+    p = params["properties"]
+    judge, judge_acc = train_judge(ds, p["judge_iters"], seed=params["seed"], device=dev)
+    agreement, per_value = judge_samples(model, judge, ds, p["samples"], params["seed"])
+    table = property_table(ds.property_names, acc, agreement, judge_acc, ds.name, per_value)
+    write_table(table, stem)
+    atomic_write_json(out_dir / "properties.json", {f"{key}_{name}": v[i] for i, name in enumerate(ds.property_names)
+                                                    for key, v in (("acc", acc), ("agreement", agreement),
+                                                                   ("judge_acc", judge_acc))})
+    print(table.to_string(index=False))
+    return table

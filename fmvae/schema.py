@@ -26,6 +26,7 @@ SCHEMA = {
     "model.I": (1, int, _pos, ">= 1"),
     "model.K": (16, (int, list), lambda v: all(isinstance(k, int) and k >= 1 for k in ([v] if isinstance(v, int) else v)) and v != [], "an int >= 1 or a list of them, one per factor"),
     "model.D": (32, int, _pos, ">= 1"),
+    "model.channels": ([], list, lambda v: len(v) <= 6 and all(isinstance(c, int) and c >= 1 for c in v), "[] (the architecture's own) or up to 6 ints >= 1: conv64's widths, one stride-2 layer each"),
     "model.arch": ("auto", str, lambda v: v in ("auto", "conv28", "conv64", "mlp"), "auto, conv28, conv64 or mlp"),
     "train.batch_size": (64, int, _pos, ">= 1"),
     "train.lr": (1e-3, float, _pos, "> 0"),

@@ -7,7 +7,7 @@ Layout under `root` (default checkpoints/sweep):
     ray/fmvae-<dataset>[+<dataset>...]-<fp>/          Tune's own state (Tuner.restore resumes the sweep)
 
 Every <fp> is a fingerprint of all the params the thing depends on (not a hand-picked subset)
-and of the fmvae source code: a trial whose effective params are unchanged is reused without
+and of the source that trains and evaluates (config.code_digest) and of this file: a trial whose effective params are unchanged is reused without
 training, one whose params changed trains anew, and pre-training is shared only between trials
 whose pre-training params match. The Ray experiment is named after its trials' fingerprints, so
 Tuner.restore never hands back results of other params.
@@ -15,6 +15,7 @@ Tuner.restore never hands back results of other params.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -33,7 +34,8 @@ from .report import RESULT_COLUMNS, TRIAL_REPORT
 TRIAL_SECTIONS = ("seed", "device", "data.name", "model", "train", "pretrain", "prior_init", "svi", "joint", "semi",
                   "evaluate")
 # the subset pre-training reads: trials that agree on these share one pre-trained model
-PRETRAIN_SECTIONS = ("seed", "device", "data.name", "model.I", "model.D", "model.arch", "train", "pretrain")
+PRETRAIN_SECTIONS = ("seed", "device", "data.name", "model.I", "model.D", "model.arch", "model.channels", "train",
+                     "pretrain")
 
 
 def _select(params: dict, keys) -> dict:
@@ -46,12 +48,16 @@ def _select(params: dict, keys) -> dict:
     return out
 
 
+# how a trial runs is this file's code too (trial_params, run_trial), on top of the pipeline's
+SWEEP_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def trial_fingerprint(params: dict) -> str:
-    return config.fingerprint(_select(params, TRIAL_SECTIONS), code_digest())
+    return config.fingerprint(_select(params, TRIAL_SECTIONS), code_digest(), SWEEP_SOURCE)
 
 
 def pretrain_fingerprint(params: dict) -> str:
-    return config.fingerprint(_select(params, PRETRAIN_SECTIONS), code_digest())
+    return config.fingerprint(_select(params, PRETRAIN_SECTIONS), code_digest(), SWEEP_SOURCE)
 
 
 def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:

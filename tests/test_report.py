@@ -42,6 +42,16 @@ def test_aggregate_band_is_the_min_max_over_seeds():
     assert (mnist.loc[2, "elbo_min"], mnist.loc[2, "elbo_max"]) == (-102.0, -100.0)
 
 
+def test_paired_change_removes_each_seeds_offset():
+    """Seeds 5 nats apart at every K, each gaining 1 nat from K = 2 to 8: the unpaired band is 5
+    nats wide, the paired one 0, and the paired mean is the K effect."""
+    rows = [{"dataset": "d", "I": 1, "K": K, "seed": seed, "elbo": -100.0 - 5 * seed + (K == 8), "recon": 0.0,
+             "kl_z": 0.0, "kl_r": 0.0, "status": "done"} for K in (8, 2) for seed in (0, 1)]
+    agg = report.aggregate(pd.DataFrame(rows)).set_index("K")
+    assert agg.loc[8, "elbo_band"] == pytest.approx(5.0) and agg.loc[8, "elbo_change_band"] == pytest.approx(0.0)
+    assert agg.loc[8, "elbo_change_mean"] == pytest.approx(1.0) and agg.loc[2, "elbo_change_mean"] == 0.0
+
+
 def test_budget_line_names_every_phase_and_the_data_sizes():
     line = report.budget(results_table()[lambda d: d["dataset"] == "binarized_mnist"])
     assert line == ("pre-train 2,000 + prior init 300 + joint 1,500 iterations, batch 64; "
@@ -65,11 +75,13 @@ def test_figure3_writes_per_dataset_files_and_one_figure_with_both(tmp_path, mon
                            + ["figure3.png"])
     md = (tmp_path / "figure3_binarized_mnist.md").read_text()
     assert "-101.000" in md and "-96.000" in md
-    both = figures[-1]  # figure3.png: one row per data set, four terms each
+    both = figures[-1]  # figure3.png: one row per data set, four terms and the paired ELBO each
     axes = both.get_axes()
-    assert len(axes) == 8
-    assert [a.get_title() for a in axes[:4]] == [f"binarized_mnist: {t}" for t in report.TERM_TITLES.values()]
-    assert axes[4].get_title().startswith("omniglot")
+    assert len(axes) == 10
+    assert [a.get_title() for a in axes[:5]] == [f"binarized_mnist: {t.format(k=2)}" for t in report.TERM_TITLES.values()]
+    assert axes[5].get_title().startswith("omniglot")
+    paired = axes[4].get_lines()[0]  # seeds 0, 1 change by +5 from K = 2 to 8 (seed 2 failed at K = 8)
+    assert list(paired.get_xdata()) == [2, 8] and list(paired.get_ydata()) == [0.0, 5.0]
     for ax in axes:
         assert ax.get_xscale() == "log" and ax.get_ylabel() == "nats per image"
         assert [t.get_text() for t in ax.get_xticklabels()] in (["2", "8"], ["2"])
