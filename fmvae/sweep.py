@@ -1,15 +1,15 @@
 """Ray Tune sweeps over K, seeds and I, running the pipeline's phases in-process.
 
 Layout under `root` (default checkpoints/sweep):
-    data/<dataset>.pt                                 prepared once by the driver, one per sweep.data entry
+    data/<dataset>-<fp>.pt                            prepared once by the driver, one per sweep.data entry
     pretrain/<dataset>-I<I>-D<D>-s<seed>-<fp>.pt      K-independent pre-training, shared by every K trial
     trials/<dataset>-I<I>-K<K>-s<seed>-<fp>/          each trial's checkpoints, model and final.json
     ray/fmvae-<dataset>[+<dataset>...]-<fp>/          Tune's own state (Tuner.restore resumes the sweep)
 
-Every <fp> is a fingerprint of all the params the thing depends on (not a hand-picked subset)
-and of the source that trains and evaluates (config.code_digest) and of this file: a trial whose effective params are unchanged is reused without
-training, one whose params changed trains anew, and pre-training is shared only between trials
-whose pre-training params match. The Ray experiment is named after its trials' fingerprints, so
+Every <fp> is a fingerprint of all the params the thing depends on (not a hand-picked subset),
+of the source that trains and evaluates (config.code_digest) and of this file: a trial whose
+effective params are unchanged is reused without training, one whose params changed trains anew,
+and pre-training is shared only between trials whose pre-training params match. The Ray experiment is named after its trials' fingerprints, so
 Tuner.restore never hands back results of other params.
 """
 from __future__ import annotations
@@ -31,10 +31,10 @@ from .pipeline import evaluate_stage, load_data, prepare_data, train_stage
 from .report import RESULT_COLUMNS, TRIAL_REPORT
 
 # the params a trial reads (config.validate fills every key, so each of these is always present)
-TRIAL_SECTIONS = ("seed", "device", "data.name", "model", "train", "pretrain", "prior_init", "svi", "joint", "semi",
+TRIAL_SECTIONS = ("seed", "device", "data.name", "data.omniglot_split", "data.partial", "model", "train", "pretrain", "prior_init", "svi", "joint", "semi",
                   "evaluate")
 # the subset pre-training reads: trials that agree on these share one pre-trained model
-PRETRAIN_SECTIONS = ("seed", "device", "data.name", "model.I", "model.D", "model.arch", "model.channels", "train",
+PRETRAIN_SECTIONS = ("seed", "device", "data.name", "data.omniglot_split", "data.partial", "model.I", "model.D", "model.arch", "model.channels", "train",
                      "pretrain")
 
 
@@ -58,6 +58,14 @@ def trial_fingerprint(params: dict) -> str:
 
 def pretrain_fingerprint(params: dict) -> str:
     return config.fingerprint(_select(params, PRETRAIN_SECTIONS), code_digest(), SWEEP_SOURCE)
+
+
+def data_file(root: Path, params: dict, dataset: str) -> Path:
+    """The prepared data set, named after what it depends on: the data params a loader reads and the
+    loaders' code (a data file of another split or reader is never reused)."""
+    d = params["data"]
+    fp = config.fingerprint(dataset, d["omniglot_split"], d["partial"], code_digest())
+    return root / "data" / f"{dataset}-{fp}.pt"
 
 
 def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
@@ -87,7 +95,7 @@ def run_trial(config_: dict) -> dict:
         with open(root / "injected_failures.log", "a") as f:
             f.write(f"K={cfg['K']}\n")
         raise RuntimeError(f"injected failure for K={cfg['K']}")
-    data = root / "data" / f"{cfg['dataset']}.pt"
+    data = data_file(root, params, cfg["dataset"])
     fp = trial_fingerprint(params)
     tag = f"{cfg['dataset']}-I{cfg['I']}-D{params['model']['D']}-s{cfg['seed']}-{pretrain_fingerprint(params)}"
     pretrained = root / "pretrain" / f"{tag}.pt"
@@ -149,7 +157,7 @@ def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed
     s = params["sweep"]
     root = root.resolve()
     for dataset in s["data"]:
-        data = root / "data" / f"{dataset}.pt"
+        data = data_file(root, params, dataset)
         if not data.exists():
             p = copy.deepcopy(params)
             p["data"]["name"], p["semi"]["fraction"] = dataset, 0.0

@@ -121,3 +121,24 @@ def test_model_bound_recon_is_monte_carlo_of_the_decoder_likelihood():
         draws = [model.decoder.log_prob(x, mu.flatten(1) + std * torch.randn_like(std)) for _ in range(4)]
     assert torch.allclose(got, torch.stack(draws).mean(0), rtol=1e-6)
     assert not torch.allclose(draws[0], draws[1])  # the draws really differ
+
+
+def test_network_sizes_are_the_paper_s_and_celeba_s_width_setting():
+    """conv28 at I*D = 64: 567,745 parameters (the paper: 567,775); CelebA's conv64 at I*D = 320:
+    28.1M at the paper's widths 128-256-512-1024 (the issue's flop-counter figure), 4.7M at
+    model.channels [32, 64, 128, 256]; a saved model of other widths is refused naming the key."""
+    import pytest
+    from fmvae import config
+    from fmvae.nets import count_parameters
+    size = lambda m: count_parameters(m.encoder) + count_parameters(m.decoder)
+    assert size(FMVAE("conv28", (1, 28, 28), 16, 64)) == 567745
+    assert size(FMVAE("conv64", (3, 64, 64), [2, 2, 2, 64, 64], 64)) == 28145158
+    narrow = FMVAE("conv64", (3, 64, 64), [2, 2, 2, 64, 64], 64, channels=(32, 64, 128, 256))
+    assert size(narrow) == 4714342
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert narrow.bound(x).elbo.shape == (2,) and narrow.decode_mean(torch.zeros(2, 320)).shape == (2, 3, 64, 64)
+    with pytest.raises(config.ParamError, match="model.channels"):
+        config.check_model_config(config.model_config(narrow), FMVAE("conv64", (3, 64, 64), [2, 2, 2, 64, 64], 64),
+                                  "joint.pt")
+    with pytest.raises(config.ParamError, match="model.channels"):
+        config.validate({"model": {"channels": [8, 16]}})  # binarised MNIST's conv28 takes no widths

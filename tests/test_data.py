@@ -41,13 +41,52 @@ def test_mnist_idx_with_labels(mirror, raw):
     assert ds.property_names == ["digit"] and ds.property_K == [10]
 
 
-def test_omniglot_png_zips_with_seeded_split(mirror, raw):
-    ds = data.load("omniglot", data.fetch("omniglot", raw, mirror, allow_download=False))
-    assert len(ds.x_train) + len(ds.x_test) == 2720 + 3120
-    assert ds.x_train.shape[1:] == (1, 28, 28) and set(ds.x_train.unique().tolist()) == {0, 1}
-    assert 0.03 < ds.x_train.float().mean() < 0.2  # thin strokes
-    again = data.load("omniglot", data.fetch("omniglot", raw, mirror, allow_download=False))
-    assert torch.equal(ds.x_test, again.x_test)
+@pytest.fixture(scope="module")
+def omniglot_folder(mirror, raw):
+    return data.fetch("omniglot", raw, mirror, allow_download=False)
+
+
+def omniglot_names(folder, *zips):
+    import zipfile
+    names = []
+    for z in zips:
+        with zipfile.ZipFile(folder / z) as zf:
+            names += [f"{z[:-4]}/{n.split('/', 1)[1]}" for n in sorted(zf.namelist()) if n.endswith(".png")]
+    return names
+
+
+def test_omniglot_full_set_splits_each_character_15_train_5_test(omniglot_folder):
+    """The paper's split (chardata.mat): 15 drawings of each of the 1,623 characters train, 5 test."""
+    ds = data.load("omniglot", omniglot_folder, seed=0)
+    assert ds.x_train.shape == (1623 * 15, 1, 28, 28) and ds.x_test.shape == (1623 * 5, 1, 28, 28)
+    assert set(ds.x_train.unique().tolist()) == {0, 1} and 0.03 < ds.x_train.float().mean() < 0.2  # thin strokes
+    names = omniglot_names(omniglot_folder, "images_background.zip", "images_evaluation.zip")
+    test = data.split_within_characters(names, seed=0)
+    per_character = {}
+    for name, is_test in zip(names, test):
+        per_character.setdefault(name.rsplit("/", 1)[0], []).append(is_test)
+    assert len(per_character) == 1623
+    assert all(len(v) == 20 and sum(v) == 5 for v in per_character.values())
+    assert np.array_equal(test, data.split_within_characters(names, seed=0))      # same seed, same split
+    assert not np.array_equal(test, data.split_within_characters(names, seed=1))  # another seed, another
+    # no drawing on both sides: each name is one side's, and the images follow the names
+    assert len(set(names)) == len(names) == 32460
+    again = data.load("omniglot", omniglot_folder, seed=0)
+    assert torch.equal(ds.x_test, again.x_test) and torch.equal(ds.x_train, again.x_train)
+
+
+def test_omniglot_alphabet_split_is_the_option_of_the_one_shot_benchmark(omniglot_folder):
+    ds = data.load("omniglot", omniglot_folder, seed=0, omniglot_split="alphabets")
+    assert ds.x_train.shape[0] == 19280 and ds.x_test.shape[0] == 13180
+
+
+def test_omniglot_small_subsets_alone_split_within_characters(mirror, tmp_path):
+    for z in ("images_background_small1.zip", "images_background_small2.zip"):
+        (tmp_path / z).symlink_to(mirror / "omniglot" / z)
+    ds = data.load("omniglot", tmp_path, seed=0)
+    assert len(ds.x_train) == 5840 // 20 * 15 and len(ds.x_test) == 5840 // 20 * 5
+    with pytest.raises(data.DataError, match="images_evaluation.zip"):
+        data.load("omniglot", tmp_path, seed=0, omniglot_split="alphabets")
 
 
 def test_celeba_attribute_file_of_the_mirror_is_rejected(mirror):
@@ -88,6 +127,62 @@ def test_celeba_missing_image_is_named(mirror, tmp_path):
     make_celeba(tmp_path / "celeba", mirror, drop="000003.jpg")
     with pytest.raises(data.DataError, match="000003.jpg"):
         data.load("celeba", tmp_path / "celeba")
+
+
+def real_celeba_zip(mirror, folder, n_listed=40, n_present=25):
+    """A CelebA folder whose attribute file lists n_listed real rows (the full file's, for the
+    mirror's images) and whose zip holds the first n_present of those real JPEGs."""
+    import zipfile
+    src = mirror / "celeba"
+    with zipfile.ZipFile(src / "img_align_celeba.zip") as zf:
+        members = sorted(n for n in zf.namelist() if n.endswith(".jpg"))[:n_listed]
+        blobs = {m: zf.read(m) for m in members[:n_present]}
+    listed = {m.split("/")[-1] for m in members}
+    lines = src.joinpath("list_attr_celeba.txt").read_text().splitlines()
+    rows = [ln for ln in lines[2:] if ln.split()[0] in listed]
+    folder.mkdir(parents=True)
+    (folder / "list_attr_celeba.txt").write_text("\n".join([str(len(rows)), lines[1]] + rows) + "\n")
+    partition = src.joinpath("list_eval_partition.txt").read_text().splitlines()
+    (folder / "list_eval_partition.txt").write_text("\n".join(ln for ln in partition if ln.split()[0] in listed) + "\n")
+    with zipfile.ZipFile(folder / "img_align_celeba.zip", "w") as zf:
+        for m, b in blobs.items():
+            zf.writestr(m, b)
+    return rows, [m.split("/")[-1] for m in blobs]
+
+
+def test_celeba_partial_set_is_refused_by_default_and_loaded_when_asked(mirror, tmp_path):
+    rows, present = real_celeba_zip(mirror, tmp_path / "c")
+    with pytest.raises(data.DataError, match=r"15 of the 40 images .* data\.partial: true"):
+        data.load("celeba", tmp_path / "c")
+    ds = data.load("celeba", tmp_path / "c", partial=True)
+    assert len(ds.x_train) + len(ds.x_test) == 25
+    assert ds.info["listed"] == 40 and ds.info["absent"] == 15 and ds.info["loaded"] == 25
+    assert ds.info["train_images"] == len(ds.x_train) and ds.info["test_images"] == len(ds.x_test)
+    assert sum(ds.info["partition_counts"].values()) == 25
+    names = (tmp_path / "c" / "list_attr_celeba.txt").read_text().splitlines()[1].split()
+    male = {r.split()[0]: int(r.split()[1 + names.index("Male")]) > 0 for r in rows}
+    assert sorted(ds.y_train[:, 0].tolist() + ds.y_test[:, 0].tolist()) == sorted(male[f] for f in present)
+
+
+def test_the_mirror_s_real_celeba_images_load_as_a_partial_set(mirror):
+    """The mirror's 20,000 real faces: 15,360 training-partition and 4,640 test-partition images,
+    64x64 RGB in [-1, 1], and each property's rate that of the attribute file for those images."""
+    ds = data.load("celeba", mirror / "celeba", partial=True)
+    assert ds.x_train.shape == (15360, 3, 64, 64) and ds.x_test.shape == (4640, 3, 64, 64)
+    assert ds.info["listed"] == 202599 and ds.info["absent"] == 202599 - 20000
+    assert ds.info["partition_counts"] == {"train": 15360, "valid": 0, "test": 4640}
+    x = ds.to_float(ds.x_test[:500])
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.2
+    import zipfile
+    with zipfile.ZipFile(mirror / "celeba" / "img_align_celeba.zip") as zf:
+        present = {n.split("/")[-1] for n in zf.namelist() if n.endswith(".jpg")}
+    lines = (mirror / "celeba" / "list_attr_celeba.txt").read_text().splitlines()
+    names = lines[1].split()
+    rows = [ln.split() for ln in lines[2:] if ln.split()[0] in present]
+    y = torch.cat([ds.y_train, ds.y_test])
+    for p, attribute in enumerate(("Male", "Eyeglasses", "Smiling")):
+        positives = sum(int(r[1 + names.index(attribute)]) > 0 for r in rows)  # the file's rate, as a count
+        assert int(y[:, p].sum()) == positives
 
 
 def test_missing_files_error_names_them_and_the_mirror_variable(tmp_path, monkeypatch):

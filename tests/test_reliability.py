@@ -45,6 +45,13 @@ def test_sigkilled_joint_training_resumes_to_bitwise_identical_results(reference
     for part in ("encoder", "decoder", "prior"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+    # the weight average (what joint.pt holds) resumed from the checkpoint too, and so did the snapshots
+    (folder,) = (root / "checkpoints/joint").iterdir()
+    assert CheckpointDir(folder).latest()["average"]["updates"] == 30
+    sa, sb = (load_checked(r / "models/joint_snapshots.pt")["snapshots"] for r in (root, reference))
+    assert [s["step"] for s in sa] == [s["step"] for s in sb] == [30]
+    for k, v in sa[-1]["average"].items():
+        assert torch.equal(v, sb[-1]["average"][k]), k
 
 
 def test_checkpoints_and_reports_carry_provenance(reference):

@@ -121,3 +121,16 @@ def test_the_first_trials_need_different_pre_trainings():
     assert len(grid) == 8 and len({tuple(sorted(t.items())) for t in grid}) == 8
     assert [t["K"] for t in grid[:4]] == [2] * 4
     assert len({(t["dataset"], t["seed"]) for t in grid[:4]}) == 4
+
+
+def test_the_prepared_data_and_the_trials_are_keyed_on_the_data_params(tmp_path):
+    """A sweep over Omniglot with the alphabet split neither reuses the data file prepared for the
+    character split nor the trials trained on it."""
+    from fmvae.config import validate
+    from fmvae.sweep import data_file, trial_fingerprint, trial_params
+    base = validate({})
+    other = validate({"data": {"omniglot_split": "alphabets"}})
+    assert data_file(tmp_path, base, "omniglot") == data_file(tmp_path, validate({}), "omniglot")
+    assert data_file(tmp_path, base, "omniglot") != data_file(tmp_path, other, "omniglot")
+    fp = lambda p: trial_fingerprint(trial_params(p, "omniglot", 2, 1, 0))
+    assert fp(base) != fp(other)

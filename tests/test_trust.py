@@ -45,6 +45,21 @@ def test_every_fmvae_module_a_stage_imports_is_a_declared_dep(dvc_file, name, st
     assert any(str(u).startswith("fmvae") for u in used)  # the probe saw the package at all
 
 
+def test_the_code_digest_covers_every_module_a_training_stage_runs():
+    """config.training_sources (what keys checkpoints and sweep trials) is exactly the fmvae modules
+    that stages/joint_train.py and stages/evaluate.py import: a change to any of them re-keys every
+    result, and a change to a figure or table module (plots, report) alone re-keys none."""
+    used = set()
+    for script in ("joint_train.py", "evaluate.py"):
+        out = subprocess.run([sys.executable, "-c", IMPORTS.format(stages=str(ROOT / "stages"),
+                                                                    script=str(ROOT / "stages" / script))],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        used |= {Path(f).resolve() for f in json.loads(out) if "fmvae" in Path(f).parts}
+    digested = set(config.training_sources())
+    assert digested == used, (sorted(map(str, digested - used)), sorted(map(str, used - digested)))
+    assert not {"plots.py", "report.py", "sweep.py"} & {p.name for p in digested}
+
+
 def test_train_config_defaults_are_the_schema_s():
     for f in dataclasses.fields(TrainConfig):
         if f.name in TRAIN_KEYS:
