@@ -15,6 +15,7 @@ together (tests/test_trust.py checks that they agree, and that every lock record
 import argparse
 import json
 
+import numpy as np
 import pandas as pd
 import yaml
 from _common import REPORTS, ROOT
@@ -35,7 +36,19 @@ def row(name: str, files: dict) -> dict:
             "test_elbo": metrics["elbo"], "iwae": metrics.get("iwae"), "recon": metrics["recon"],
             "kl_z": metrics["kl_z"], "kl_r": metrics["kl_r"],
             "snapshot_steps": "/".join(map(str, snaps.get("steps", []))),
-            "spread_averaged": snaps.get("spread_average"), "spread_last_iterate": snaps.get("spread_last_iterate")}
+            "spread_averaged": snaps.get("spread_average"), "spread_last_iterate": snaps.get("spread_last_iterate"),
+            "spread_averaged_about_trend": detrended_spread(snaps.get("steps", []), snaps.get("elbo_average", [])),
+            "spread_last_iterate_about_trend": detrended_spread(snaps.get("steps", []),
+                                                                snaps.get("elbo_last_iterate", []))}
+
+
+def detrended_spread(steps, bounds):
+    """max - min of the bounds about their least-squares line over the steps: the part of the spread
+    that is noise, not the model still improving."""
+    if len(bounds) < 3:
+        return None
+    residual = np.asarray(bounds) - np.polyval(np.polyfit(steps, bounds, 1), steps)
+    return float(residual.max() - residual.min())
 
 
 def experiment_files(name: str) -> dict:
@@ -49,7 +62,8 @@ def experiment_files(name: str) -> dict:
 def summary(runs: pd.DataFrame, threads: int) -> list[dict]:
     """Mean, min and max over the seeds run with `threads` threads (the first run of each seed)."""
     seeds = runs[runs["torch_threads"] == threads].drop_duplicates("seed")
-    cols = ["test_elbo", "iwae", "recon", "kl_z", "kl_r", "spread_averaged", "spread_last_iterate"]
+    cols = ["test_elbo", "iwae", "recon", "kl_z", "kl_r", "spread_averaged", "spread_last_iterate",
+            "spread_averaged_about_trend", "spread_last_iterate_about_trend"]
     label = f"over seeds {', '.join(map(str, sorted(seeds['seed'])))} ({threads} thread{'s' * (threads > 1)})"
     rows = [{"run": f"{stat} {label}", **getattr(seeds[cols], stat)().to_dict()} for stat in ("mean", "min", "max")]
     return rows + [{"run": f"max - min {label}", **(seeds[cols].max() - seeds[cols].min()).to_dict()}]
@@ -67,5 +81,6 @@ if __name__ == "__main__":
             raise SystemExit(f"error: experiment {name!r} changed more than the seed; it is not the default profile")
     threads = int(runs.loc[0, "torch_threads"])
     table = pd.concat([runs, pd.DataFrame(summary(runs, threads))], ignore_index=True)
+    table[["seed", "torch_threads"]] = table[["seed", "torch_threads"]].astype("Int64")
     write_table(table, REPORTS / "default_runs")
     print(table.to_string(index=False))

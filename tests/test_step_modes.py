@@ -179,3 +179,34 @@ def test_gpu_check_refuses_a_missing_data_folder(tmp_path):
     with pytest.raises(SystemExit, match="not a folder"):
         gpu_check.main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--tiny"])
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_gpu_check_celeba_subset_and_tiny_run_on_cpu(mirror, tmp_path):
+    """--make-celeba-subset writes a complete CelebA folder of the first training and test images of
+    the mirror (its attribute file lists exactly them), and --celeba --tiny runs the CelebA check's
+    whole code path on it: bound, per-property accuracy, balanced accuracy, majority baseline, the
+    judge's agreement, figures and summary."""
+    from fmvae import data
+    info = gpu_check.main(["--make-celeba-subset", str(mirror / "celeba"), str(tmp_path / "subset"),
+                           "--subset-train", "100", "--subset-test", "50"])
+    assert (info["train"], info["test"]) == (100, 50) and info["train_range"][0] == "000001.jpg"
+    full = data.load("celeba", tmp_path / "subset")  # complete: no data.partial needed
+    assert len(full.x_train) == 100 and len(full.x_test) == 50
+    out = tmp_path / "gpu"
+    metrics = gpu_check.main(["--celeba", str(tmp_path / "subset"), "--out", str(out), "--tiny"])
+    assert metrics["elbo"] == pytest.approx(metrics["recon"] - metrics["kl_z"] - metrics["kl_r"], abs=1e-3)
+    for name, p in metrics["properties"].items():
+        assert 0 <= p["accuracy"] <= 1 and 0 <= p["balanced_accuracy"] <= 1 and 0.5 <= p["majority_baseline"] <= 1
+        assert 0 <= p["judged_agreement"] <= 1 and p["paper_accuracy"] > 0.9, name
+    assert metrics["data"]["listed"] == 150 and metrics["data"]["absent"] == 0
+    for name in ("summary.md", "metrics.json", "samples_male_smiling.png", "samples_factors_3_4.png",
+                 "training_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "| Eyeglasses |" in (out / "summary.md").read_text()
+
+
+def test_property_scores_balanced_accuracy_sees_through_a_majority_guess():
+    """Always 'no glasses' on 7% positives: accuracy 0.93, balanced accuracy 0.5, baseline 0.93."""
+    true = [1] * 7 + [0] * 93
+    scores = gpu_check.property_scores([0] * 100, true)
+    assert scores == {"accuracy": 0.93, "balanced_accuracy": 0.5, "majority_baseline": 0.93}

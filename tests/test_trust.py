@@ -201,3 +201,36 @@ def test_the_committed_mnist_table_belongs_to_its_runs_the_preset_and_this_code(
     readme = (ROOT / "README.md").read_text()
     assert f"{rows['mnist_semi'].accuracy_argmax_q_r:.3f}" in readme
     assert f"{rows['mnist_semi'].judge_agreement_clamped_samples:.3f}" in readme
+
+
+def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
+    """reports/default_runs.csv (stages/seeds_table.py) quotes exactly the workspace's committed run
+    and the runs copied to reports/default_runs/<name>/; each of those differs from params.yaml in the
+    seed only and its dvc.lock records the code at hand; the summary rows are the seeds' statistics
+    of its thread count; the README quotes the mean and the range of the test ELBO."""
+    import pandas as pd
+    table = pd.read_csv(ROOT / "reports/default_runs.csv")
+    runs = table[table["seed"].notna()]
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for r in runs.itertuples():
+        folder = ROOT / "reports" if r.run.startswith("dvc repro") else ROOT / "reports/default_runs" / r.run
+        metrics = json.loads((folder / "metrics.json").read_text())
+        details = json.loads((folder / "evaluation.json").read_text())
+        host = json.loads((folder / "provenance.json").read_text())["host"]
+        assert (r.test_elbo, r.iwae, r.spread_averaged, r.torch_threads) == \
+            (metrics["elbo"], metrics["iwae"], details["snapshots"]["spread_average"], host["torch_threads"]), r.run
+        lock = ROOT / "dvc.lock" if r.run.startswith("dvc repro") else folder / "dvc.lock"
+        assert assert_lock_records_the_code_at_hand(lock) >= 7 * 10
+        if not r.run.startswith("dvc repro"):
+            params = yaml.safe_load((folder / "params.yaml").read_text())
+            assert {k: v for k, v in params.items() if k != "seed"} == {k: v for k, v in default.items() if k != "seed"}
+    threads = runs.iloc[0]["torch_threads"]
+    seeds = runs[runs["torch_threads"] == threads].drop_duplicates("seed")
+    assert len(seeds) >= 3
+    mean = table[table["run"].str.startswith("mean over seeds")].iloc[0]
+    spread = table[table["run"].str.startswith("max - min over seeds")].iloc[0]
+    assert mean.test_elbo == pytest.approx(seeds["test_elbo"].mean())
+    assert spread.test_elbo == pytest.approx(seeds["test_elbo"].max() - seeds["test_elbo"].min())
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    for value in (mean.test_elbo, spread.test_elbo, mean.iwae):
+        assert f"{value:.2f}" in readme, value
