@@ -299,7 +299,7 @@ def celeba_check(args, device, out: Path, t_start: float) -> dict:
     plots.sample_grid(model, ds, [3, 4], 8, out / "samples_factors_3_4.png", per_cell=16, names=names)
     plots.training_curves([out / f"curve_{n}.csv" for n, _ in PHASES], out / "training_curves.png")
 
-    lines = [f"# GPU check: CelebA, celeba_paper preset (I = 5, K = (2, 2, 2, 64, 64), D = 64)", "",
+    lines = ["# GPU check: CelebA, celeba_paper preset (I = 5, K = (2, 2, 2, 64, 64), D = 64)", "",
              f"- Device: {metrics['environment'].get('gpu')}; step {mode}; schedule scale {scale:.4f} of the paper's "
              f"{full['pretrain']} + {full['prior_init']} + {full['joint']} iterations",
              f"- Images: {len(ds.x_train)} training, {len(ds.x_test)} test (of {ds.info.get('listed')} listed)",
