@@ -175,8 +175,6 @@ def compare_orders(args, params, ds, device, mode: str, out: Path) -> list[dict]
 
 
 CELEBA_PRESET = PRESET.with_name("celeba_paper.yaml")
-PAPER_CELEBA_ACCURACY = {"Male": 0.97, "Eyeglasses": 0.99, "Smiling": 0.91}
-PAPER_CELEBA_HUMAN = {"Male": 0.94, "Eyeglasses": 0.85, "Smiling": 0.81}
 
 
 def make_celeba_subset(src: Path, dest: Path, n_train: int, n_test: int) -> dict:
@@ -214,20 +212,10 @@ def make_celeba_subset(src: Path, dest: Path, n_train: int, n_test: int) -> dict
     return info
 
 
-def property_scores(pred, true) -> dict:
-    """Accuracy, balanced accuracy (the mean of the per-class recalls: Eyeglasses is 7% positive, so
-    plain accuracy rewards ignoring it) and the majority baseline of one binary property."""
-    import numpy as np
-    pred, true = np.asarray(pred), np.asarray(true)
-    recalls = [float((pred[true == c] == c).mean()) for c in np.unique(true)]
-    majority = max(float((true == c).mean()) for c in np.unique(true))
-    return {"accuracy": float((pred == true).mean()), "balanced_accuracy": float(np.mean(recalls)),
-            "majority_baseline": majority}
-
-
 def celeba_check(args, device, out: Path, t_start: float) -> dict:
     """The CelebA part (--celeba DIR): see the module's docstring."""
     from . import report
+    from .celeba_report import property_scores
     params = config.validate(yaml.safe_load(CELEBA_PRESET.read_text()) | {"data": {"name": "celeba", "partial": True}})
     t = time.perf_counter()
     ds = data_mod.load("celeba", Path(args.celeba), params["seed"], partial=True)
@@ -284,7 +272,7 @@ def celeba_check(args, device, out: Path, t_start: float) -> dict:
     agreement, per_value = report.judge_samples(model, judge, ds, 64 if args.tiny else 2000, params["seed"])
     for p, name in enumerate(ds.property_names):
         props[name] |= {"judged_agreement": agreement[p], "judged_per_value": per_value[p], "judge_accuracy": judge_acc[p],
-                        "paper_accuracy": PAPER_CELEBA_ACCURACY[name], "paper_human_judgement": PAPER_CELEBA_HUMAN[name]}
+                        "paper_accuracy": report.PAPER_CELEBA[name][0], "paper_human_judgement": report.PAPER_CELEBA[name][1]}
     metrics |= {"properties": props, "data": ds.info, "train_images": len(ds.x_train), "test_images": len(ds.x_test),
                 "schedule": iters, "schedule_scale": scale, "mode": mode, "phases": phases, "judge_iters": judge_iters,
                 "environment": environment(device)}
