@@ -84,11 +84,16 @@ def test_attributes(folder: Path, ds) -> tuple[list[str], np.ndarray]:
     return names, values
 
 
-def factor_attribute_nmi(assignments: torch.Tensor, attributes: np.ndarray, names: list[str]) -> pd.DataFrame:
-    """Rows: factors (argmax q(r_i|x) per test image); columns: attributes; cells: their NMI."""
+def factor_attribute_nmi(assignments: torch.Tensor, attributes: np.ndarray, names: list[str],
+                         properties: list[str] = ()) -> pd.DataFrame:
+    """Rows: factors (argmax q(r_i|x) per test image), the first ones named after the properties
+    they were clamped to; columns: attributes; cells: their NMI. A factor of 64 components can
+    reach at most 2 H(a) / (H(f) + H(a)) with a binary attribute a (about 0.28 when H(f) = log 64 and
+    a is balanced): its cells read against that ceiling, not against 1."""
     a = np.asarray(assignments)
+    rows = [f"factor {i}" + (f" ({properties[i]})" if i < len(properties) else "") for i in range(a.shape[1])]
     return pd.DataFrame([[normalized_mutual_information(a[:, i], attributes[:, j]) for j in range(len(names))]
-                         for i in range(a.shape[1])], columns=names, index=[f"factor {i}" for i in range(a.shape[1])])
+                         for i in range(a.shape[1])], columns=names, index=rows)
 
 
 def nmi_heatmap(table: pd.DataFrame, path: Path, title: str) -> Path:

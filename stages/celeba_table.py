@@ -76,7 +76,7 @@ def run_report(name: str) -> tuple[list[dict], pd.DataFrame]:
                      "test_elbo": metrics["elbo"], "train_images": len(ds.x_train), "test_images": len(ds.x_test)})
     folder = data_mod.fetch("celeba", ROOT / params["data"]["raw_dir"], params["data"]["mirror"] or None)
     names, attributes = cr.test_attributes(folder, ds)
-    nmi = cr.factor_attribute_nmi(assignments, attributes, names)
+    nmi = cr.factor_attribute_nmi(assignments, attributes, names, ds.property_names)
     torch.manual_seed(params["seed"])
     cr.figure6(model, ds, out / "figure6.png")
     for factor in range(len(ds.property_names), model.I):

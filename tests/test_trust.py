@@ -234,3 +234,43 @@ def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
     readme = (ROOT / "README.md").read_text().replace("\n", " ")
     for value in (mean.test_elbo, spread.test_elbo, mean.iwae):
         assert f"{value:.2f}" in readme, value
+
+
+def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code():
+    """reports/celeba_table.csv (stages/celeba_table.py) quotes exactly the runs copied to
+    reports/celeba/<name>/: seeds 0 and 1 of presets/celeba_cpu.yaml as it is now, each dvc.lock
+    recording the code at HEAD, each with its figures; the summary rows are the runs' mean and
+    max - min; the README quotes the mean accuracies and agreements and shows Figure 6."""
+    import pandas as pd
+    from fmvae.config import _flatten
+    table = pd.read_csv(ROOT / "reports/celeba_table.csv")
+    runs = table[table["seed"].notna()]
+    assert set(runs["seed"]) >= {0, 1}
+    preset = _flatten(yaml.safe_load((ROOT / "presets/celeba_cpu.yaml").read_text()))
+    for r in runs.itertuples():
+        folder = ROOT / "reports/celeba" / r.run
+        props = json.loads((folder / "properties.json").read_text())
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert (r.accuracy_argmax_q_r, r.judge_agreement_clamped_samples, r.judge_test_accuracy, r.test_elbo) == \
+            (props[f"acc_{r.property}"], props[f"agreement_{r.property}"], props[f"judge_acc_{r.property}"],
+             metrics["elbo"]), (r.run, r.property)
+        assert json.loads((folder / "evaluation.json").read_text())["data"]["test_images"] == r.test_images
+        used = _flatten(yaml.safe_load((folder / "params.yaml").read_text()))
+        assert {k: used[k] for k in preset} == preset and used["seed"] == r.seed, r.run
+        assert assert_lock_records_the_code_at_hand(folder / "dvc.lock") >= 7 * 10
+        for name in ("figure6.png", "figure8_factor3.png", "figure8_factor4.png", "figure5.png",
+                     "factor_attribute_nmi.png"):
+            assert (folder / name).stat().st_size > 0, (r.run, name)
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    mean = table[table["run"].str.startswith("mean over")]
+    for r in mean.itertuples():
+        group = runs[runs["property"] == r.property]
+        assert r.accuracy_argmax_q_r == pytest.approx(group["accuracy_argmax_q_r"].mean())
+        assert r.judge_agreement_clamped_samples == pytest.approx(group["judge_agreement_clamped_samples"].mean())
+        assert f"{r.accuracy_argmax_q_r:.3f}" in readme and f"{r.judge_agreement_clamped_samples:.3f}" in readme
+    assert "reports/celeba/celeba_cpu/figure6.png" in readme
+    nmi = pd.read_csv(ROOT / "reports/celeba_factors.csv")
+    assert set(nmi["run"]) == set(runs["run"]) and nmi.shape[1] == 3 + 40
+    for p, prop in enumerate(("Male", "Eyeglasses", "Smiling")):  # each clamped factor finds its own attribute first
+        rows = nmi[nmi["factor"] == f"factor {p} ({prop})"]
+        assert len(rows) == len(set(runs["run"])) and (rows.iloc[:, 3:].astype(float).idxmax(axis=1) == prop).all()
