@@ -7,7 +7,7 @@ reader needs beside it to trust it.
     factor_figure         Figure 8 / appendix F for one free factor: its heaviest components along
                           the columns, everything else held along each row
     figure5               Figure 5: mean, standard deviation and one sample of p(x|z) for a few z
-    test_attributes       the 40 attributes of the prepared test images, from the attribute file
+    attributes_of_test_images  the 40 attributes of the prepared test images, from the attribute file
     factor_attribute_nmi  normalised mutual information of each factor's argmax q(r_i|x) with each
                           attribute (and nmi_heatmap to draw it)
 
@@ -65,7 +65,7 @@ def normalized_mutual_information(a, b) -> float:
     return max(0.0, mi / ((ha + hb) / 2))
 
 
-def test_attributes(folder: Path, ds) -> tuple[list[str], np.ndarray]:
+def attributes_of_test_images(folder: Path, ds) -> tuple[list[str], np.ndarray]:
     """All 40 attributes (0/1) of the prepared data set's test images, read again from the attribute
     file in `folder` with the loader's own selection (the images present, partition 2, in file
     order). Checked against the three properties the data set holds: a different selection (other

@@ -75,7 +75,7 @@ def run_report(name: str) -> tuple[list[dict], pd.DataFrame]:
                      "paper_human_judgement": PAPER_CELEBA[prop][1], "judge_test_accuracy": props[f"judge_acc_{prop}"],
                      "test_elbo": metrics["elbo"], "train_images": len(ds.x_train), "test_images": len(ds.x_test)})
     folder = data_mod.fetch("celeba", ROOT / params["data"]["raw_dir"], params["data"]["mirror"] or None)
-    names, attributes = cr.test_attributes(folder, ds)
+    names, attributes = cr.attributes_of_test_images(folder, ds)
     nmi = cr.factor_attribute_nmi(assignments, attributes, names, ds.property_names)
     torch.manual_seed(params["seed"])
     cr.figure6(model, ds, out / "figure6.png")
@@ -101,6 +101,12 @@ def summary(rows: list[dict]) -> pd.DataFrame:
     return out.astype({c: "Int64" for c in ("seed", "train_images", "test_images")})  # counts, not 150.000
 
 
+def highest(row: pd.Series, n: int = 5, floor: float = 0.01) -> str:
+    """One factor's row of celeba_factors.csv -> its n highest attributes at NMI >= floor, as text."""
+    values = row.drop(["run", "factor", "K"]).astype(float).nlargest(n)
+    return ", ".join(f"{a} {v:.2f}" for a, v in values[values >= floor].items()) or f"none >= {floor}"
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiments", nargs="+", help="names of finished celeba `dvc exp run -n NAME` experiments")
@@ -111,9 +117,6 @@ if __name__ == "__main__":
     nmi = pd.concat([n for _, n in reports], ignore_index=True)
     nmi = nmi[["run", "factor", "K"] + [c for c in nmi.columns if c not in ("run", "factor", "K")]]
     atomic_write_text(REPORTS / "celeba_factors.csv", nmi.to_csv(index=False, float_format="%.4f"))
-    def highest(row, n=5, floor=0.01):
-        values = row.drop(["run", "factor", "K"]).astype(float).nlargest(n)
-        return ", ".join(f"{a} {v:.2f}" for a, v in values[values >= floor].items()) or f"none >= {floor}"
     best = nmi.apply(highest, axis=1)
     compact = nmi[["run", "factor", "K"]].assign(highest_nmi_attributes=best)  # the csv holds all 40 columns
     atomic_write_text(REPORTS / "celeba_factors.md", compact.to_markdown(index=False) + "\n")

@@ -105,7 +105,7 @@ def small_celeba(mirror, dest, n_train=150, n_test=50):
 def test_the_40_attributes_of_the_test_images_line_up_with_the_prepared_ones(mirror, tmp_path):
     folder = small_celeba(mirror, tmp_path / "celeba", 30, 20)
     ds = data.load("celeba", folder, partial=True)
-    names, values = cr.test_attributes(folder, ds)
+    names, values = cr.attributes_of_test_images(folder, ds)
     assert len(names) == 40 and values.shape == (20, 40)
     rows = {ln.split()[0]: ln.split()[1:] for ln in (folder / "list_attr_celeba.txt").read_text().splitlines()[2:]}
     tests = [f for f, p in (ln.split() for ln in (folder / "list_eval_partition.txt").read_text().splitlines()) if p == "2"]
@@ -113,7 +113,7 @@ def test_the_40_attributes_of_the_test_images_line_up_with_the_prepared_ones(mir
     assert values[:, names.index("Young")].tolist() == young
     ds.y_test[3, 0] = 1 - ds.y_test[3, 0]  # a data set prepared from another selection
     with pytest.raises(data.DataError, match="do not match"):
-        cr.test_attributes(folder, ds)
+        cr.attributes_of_test_images(folder, ds)
 
 
 def test_a_tiny_celeba_cpu_experiment_and_its_table(mirror, tmp_path):
