@@ -1,16 +1,25 @@
-"""Ray Tune sweeps over K, seeds and I, running the pipeline's phases in-process.
+"""Ray Tune sweeps over K, seeds and I, on one machine or a Ray cluster, with all their state in one storage.
 
-Layout under `root` (default checkpoints/sweep):
-    data/<dataset>-<fp>.pt                            prepared once by the driver, one per sweep.data entry
-    pretrain/<dataset>-I<I>-D<D>-s<seed>-<fp>.pt      K-independent pre-training, shared by every K trial
-    trials/<dataset>-I<I>-K<K>-s<seed>-<fp>/          each trial's checkpoints, model and final.json
-    ray/fmvae-<dataset>[+<dataset>...]-<fp>/          Tune's own state (Tuner.restore resumes the sweep)
+The storage is a local folder (default checkpoints/sweep) or any URI Ray Tune and pyarrow accept
+(s3://bucket/path, gs://..., file:///...). Everything a trial needs or leaves is there:
+    data/<dataset>-<fp>.pt                          the prepared data set, published once by the driver
+    pretrain/<dataset>-I<I>-D<D>-s<seed>-<fp>.pt    K-independent pre-training, published once by its own Tune trial
+    finished/<dataset>-I<I>-K<K>-s<seed>-<fp>.json  a finished trial's record (what a later sweep reuses)
+    ray/fmvae-pretrain-<fp>/, ray/fmvae-<dataset>[+<dataset>...]-<fp>/
+                                                    the two Tune experiments (pre-trainings, then the K trials):
+                                                    trial checkpoints (tune.Checkpoint) and Tune's own state
+Trials never open the driver's disk: a trial fetches the files it reads from the storage into a
+per-node cache (FMVAE_CACHE, default ~/.cache/fmvae; locked, atomic), trains in its Tune trial folder
+and reports that folder to Tune as its checkpoint whenever training has saved one, so a trial
+rescheduled on another node (a lost node, a retried failure) resumes from its last reported checkpoint
+and, resume being bitwise, ends with the numbers of an uninterrupted run. results.csv is built from
+Tune's results.
 
-Every <fp> is a fingerprint of all the params the thing depends on (not a hand-picked subset),
-of the source that trains and evaluates (config.code_digest) and of this file: a trial whose
-effective params are unchanged is reused without training, one whose params changed trains anew,
-and pre-training is shared only between trials whose pre-training params match. The Ray experiment is named after its trials' fingerprints, so
-Tuner.restore never hands back results of other params.
+Every <fp> is a fingerprint of all the params the thing depends on (not a hand-picked subset), of the
+source that trains and evaluates (config.code_digest) and of this file: a trial whose effective params
+are unchanged is reused without training, one whose params changed trains anew, and pre-training is
+shared only between trials whose pre-training params match. Each Ray experiment is named after its
+trials' fingerprints, so Tuner.restore never hands back results of other params.
 """
 from __future__ import annotations
 
@@ -19,13 +28,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
+import uuid
 from pathlib import Path
 
 import pandas as pd
 
 from . import config
-from .checkpoint import atomic_write_json
 from .config import code_digest
 from .pipeline import evaluate_stage, load_data, prepare_data, train_stage
 from .report import RESULT_COLUMNS, TRIAL_REPORT
@@ -36,6 +46,7 @@ TRIAL_SECTIONS = ("seed", "device", "data.name", "data.omniglot_split", "data.pa
 # the subset pre-training reads: trials that agree on these share one pre-trained model
 PRETRAIN_SECTIONS = ("seed", "device", "data.name", "data.omniglot_split", "data.partial", "model.I", "model.D", "model.arch", "model.channels", "train",
                      "pretrain")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _select(params: dict, keys) -> dict:
@@ -60,12 +71,21 @@ def pretrain_fingerprint(params: dict) -> str:
     return config.fingerprint(_select(params, PRETRAIN_SECTIONS), code_digest(), SWEEP_SOURCE)
 
 
-def data_file(root: Path, params: dict, dataset: str) -> Path:
-    """The prepared data set, named after what it depends on: the data params a loader reads and the
-    loaders' code (a data file of another split or reader is never reused)."""
+def data_key(params: dict, dataset: str) -> str:
+    """The prepared data set's name in the storage, after what it depends on: the data params a
+    loader reads and the loaders' code (a data file of another split or reader is never reused)."""
     d = params["data"]
-    fp = config.fingerprint(dataset, d["omniglot_split"], d["partial"], code_digest())
-    return root / "data" / f"{dataset}-{fp}.pt"
+    return f"data/{dataset}-{config.fingerprint(dataset, d['omniglot_split'], d['partial'], code_digest())}.pt"
+
+
+def pretrain_key(params: dict) -> str:
+    return (f"pretrain/{params['data']['name']}-I{params['model']['I']}-D{params['model']['D']}-s{params['seed']}"
+            f"-{pretrain_fingerprint(params)}.pt")
+
+
+def trial_name(params: dict) -> str:
+    return (f"{params['data']['name']}-I{params['model']['I']}-K{params['model']['K']}-s{params['seed']}"
+            f"-{trial_fingerprint(params)}")
 
 
 def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
@@ -80,51 +100,206 @@ def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
     return config.validate({k: v for k, v in p.items() if k != "sweep"} | {"sweep": params["sweep"]})
 
 
-def run_trial(config_: dict) -> dict:
-    """One Tune trial: shared pre-training, prior init, joint training, evaluation (11)."""
+class Storage:
+    """A folder in any file system pyarrow knows (a local path, file://, s3://, gs://): the sweep's
+    published files and records. Writes are atomic (a temporary name, then a move: a reader never
+    sees half a file), and a file's sha256 sidecar is written after it and fetched with it."""
+
+    def __init__(self, uri: str):
+        from pyarrow import fs
+        self.uri = uri if "://" in uri else str(Path(uri).resolve())
+        self.fs, self.root = fs.FileSystem.from_uri(self.uri)
+
+    def _path(self, key: str) -> str:
+        return f"{self.root.rstrip('/')}/{key}"
+
+    def exists(self, key: str) -> bool:
+        from pyarrow import fs
+        return self.fs.get_file_info(self._path(key)).type != fs.FileType.NotFound
+
+    def _put(self, key: str, source) -> None:
+        path = self._path(key)
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as out:
+            shutil.copyfileobj(source, out)
+        self.fs.move(tmp, path)
+
+    def write_json(self, key: str, obj) -> None:
+        import io
+        self._put(key, io.BytesIO(json.dumps(obj, indent=2, sort_keys=True).encode()))
+
+    def read_json(self, key: str):
+        if not self.exists(key):
+            return None
+        with self.fs.open_input_stream(self._path(key)) as f:
+            return json.loads(f.read())
+
+    def publish(self, local: Path, key: str) -> None:
+        """local (and its .sha256 sidecar, last) -> key: a key with a sidecar is complete."""
+        for src, dst in ((local, key), (Path(f"{local}.sha256"), f"{key}.sha256")):
+            with open(src, "rb") as f:
+                self._put(dst, f)
+
+    def published(self, key: str) -> bool:
+        return self.exists(f"{key}.sha256")
+
+    def cache_path(self, key: str) -> Path:
+        """Where fetch puts key on this node (one cache per storage)."""
+        cache = Path(os.environ.get("FMVAE_CACHE") or Path.home() / ".cache" / "fmvae")
+        return cache / "sweep" / config.fingerprint(self.uri) / key
+
+    def fetch(self, key: str) -> Path:
+        """key and its sidecar, copied once per node into the cache (locked: one copy at a time)."""
+        from filelock import FileLock
+        local = self.cache_path(key)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{local}.lock"):
+            if not Path(f"{local}.sha256").exists():
+                for src, dst in ((key, local), (f"{key}.sha256", Path(f"{local}.sha256"))):
+                    tmp = dst.with_name(f"{dst.name}.tmp-{uuid.uuid4().hex}")
+                    with self.fs.open_input_stream(self._path(src)) as f, open(tmp, "wb") as out:
+                        shutil.copyfileobj(f, out)
+                    os.replace(tmp, dst)
+        return local
+
+
+def _checkpointing(workdir: Path, phase: str):
+    """on_log for train_stage: every log row goes to Tune, with the trial folder as a checkpoint
+    whenever training has saved a new checkpoint in it since the last report."""
+    from ray import tune
+    reported = [_checkpoint_files(workdir)]
+
+    def on_log(row, _history):
+        files = _checkpoint_files(workdir)
+        new = files != reported[0]
+        reported[0] = files
+        tune.report({"phase": phase, **row}, checkpoint=tune.Checkpoint.from_directory(workdir) if new else None)
+        if new and phase == "joint":
+            _pause_if_asked(workdir)
+    return on_log
+
+
+def _checkpoint_files(workdir: Path) -> list[str]:
+    return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("ckpt-*.pt"))
+
+
+def _restored_steps(workdir: Path) -> dict:
+    """{phase: newest checkpointed step} of what this attempt restored from Tune (empty: a fresh start)."""
+    steps = {}
+    for path in workdir.rglob("ckpt-*.pt"):
+        phase = path.parent.parent.name.removeprefix("ckpt-")
+        steps[phase] = max(steps.get(phase, 0), int(path.stem.removeprefix("ckpt-")))
+    return steps
+
+
+def _begin_attempt(workdir: Path) -> dict:
+    """A clean trial folder holding exactly the last checkpoint Tune has of this trial (a retried
+    attempt on the same node must not see files its failed predecessor wrote after that checkpoint),
+    and this attempt's node and restored steps appended to the folder's attempt log."""
+    import ray
+    from ray import tune
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        checkpoint.to_directory(str(workdir))
+    log = workdir / "attempts.json"
+    attempts = json.loads(log.read_text()) if log.exists() else []
+    attempt = {"node": ray.get_runtime_context().get_node_id(), "restored": _restored_steps(workdir),
+               "finished_phases": sorted(p.stem for p in workdir.glob("*.pt"))}
+    log.write_text(json.dumps(attempts + [attempt], indent=2))
+    return attempt
+
+
+def _pause_if_asked(workdir: Path) -> None:
+    """Fault injection for the node-loss test: the first attempt of trial K=FMVAE_SWEEP_PAUSE_K, once
+    it has reported a joint checkpoint, names its node in FMVAE_SWEEP_PAUSE_DIR and waits to be killed."""
+    import ray
+    folder, k = os.environ.get("FMVAE_SWEEP_PAUSE_DIR"), os.environ.get("FMVAE_SWEEP_PAUSE_K")
+    if not (folder and k and f"-K{k}-" in workdir.name):
+        return
+    if len(json.loads((workdir / "attempts.json").read_text())) == 1:
+        (Path(folder) / f"K{k}").write_text(ray.get_runtime_context().get_node_id())
+        time.sleep(3600)
+
+
+def _trial_folder(name: str) -> Path:
+    return Path.cwd() / name  # Tune runs each trial in its own working folder on its node
+
+
+def run_pretrain(config_: dict) -> None:
+    """A pre-training Tune trial: train (resuming from Tune's checkpoint), then publish the model."""
     import torch
-    from filelock import FileLock
+    from ray import tune
+
+    params, storage = config_["params"], Storage(config_["storage"])
+    key = pretrain_key(params)
+    if storage.published(key):
+        print(f"sweep: reusing pre-training {key}")
+        tune.report({"phase": "done", "pretrained": key})
+        return
+    torch.set_num_threads(max(1, int(params["sweep"]["cpus_per_trial"])))
+    workdir = _trial_folder(Path(key).stem)
+    _begin_attempt(workdir)
+    data = storage.fetch(data_key(params, params["data"]["name"]))
+    train_stage("pretrain", params, data, None, workdir / "pretrained.pt", workdir / "ckpt-pretrain",
+                on_log=_checkpointing(workdir, "pretrain"))
+    storage.publish(workdir / "pretrained.pt", key)
+    tune.report({"phase": "done", "pretrained": key})
+
+
+def run_trial(config_: dict) -> dict:
+    """One K trial: fetch data and pre-training, prior init, joint training, evaluation (11); the
+    final record goes to Tune (metrics and a checkpoint holding final.json and the model) and, for
+    reuse by later sweeps, to the storage's finished/."""
+    import torch
     from ray import tune
 
     start = time.time()
     cfg = config_ | config_["trial"]  # dataset, K, I, seed
-    root = Path(cfg["root"])
+    storage = Storage(cfg["storage"])
     params = trial_params(cfg["params"], cfg["dataset"], cfg["K"], cfg["I"], cfg["seed"])
     torch.set_num_threads(max(1, int(params["sweep"]["cpus_per_trial"])))
     if str(cfg["K"]) == os.environ.get("FMVAE_SWEEP_FAIL_K"):  # fault injection for the tests
-        with open(root / "injected_failures.log", "a") as f:
-            f.write(f"K={cfg['K']}\n")
+        storage.write_json(f"injected_failures/K{cfg['K']}-{uuid.uuid4().hex}.json", {"K": cfg["K"]})
         raise RuntimeError(f"injected failure for K={cfg['K']}")
-    data = data_file(root, params, cfg["dataset"])
-    fp = trial_fingerprint(params)
-    tag = f"{cfg['dataset']}-I{cfg['I']}-D{params['model']['D']}-s{cfg['seed']}-{pretrain_fingerprint(params)}"
-    pretrained = root / "pretrain" / f"{tag}.pt"
-    with FileLock(str(pretrained) + ".lock"):  # the first trial of these pre-training params trains, the rest wait
-        if not pretrained.exists():
-            train_stage("pretrain", params, data, None, pretrained, root / "pretrain" / f"{tag}-ckpt")
-        else:
-            print(f"sweep: reusing pre-training {pretrained.name}")
-    trial_dir = root / "trials" / f"{cfg['dataset']}-I{cfg['I']}-K{cfg['K']}-s{cfg['seed']}-{fp}"
-    done = trial_dir / "final.json"
-    if done.exists() and json.loads(done.read_text()).get("fingerprint") == fp:
-        final = json.loads(done.read_text())["metrics"]  # same params and code finished before: no work
-        print(f"sweep: reusing finished trial {trial_dir.name}")
-        tune.report(final)
-        return final
-    report = lambda phase: (lambda row, _history: tune.report({"phase": phase, **row}))
-    train_stage("prior_init", params, data, pretrained, trial_dir / "prior_init.pt", trial_dir / "ckpt-prior_init",
-                on_log=report("prior_init"))
-    history = train_stage("joint", params, data, trial_dir / "prior_init.pt", trial_dir / "joint.pt",
-                          trial_dir / "ckpt-joint", on_log=report("joint"))
-    metrics = evaluate_stage(params, data, trial_dir / "joint.pt", trial_dir / "metrics.json")
+    fp, name = trial_fingerprint(params), trial_name(params)
+    record = storage.read_json(f"finished/{name}.json")
+    if record is not None and record.get("fingerprint") == fp:
+        print(f"sweep: reusing finished trial {name}")  # same params and code finished before: no work
+        tune.report(record["metrics"])
+        return record["metrics"]
+    pretrained = pretrain_key(params)
+    if not storage.published(pretrained):
+        raise RuntimeError(f"its pre-training {pretrained} is not in the storage (did the pre-training trial fail?)")
+    workdir = _trial_folder(name)
+    attempt = _begin_attempt(workdir)
+    data, model_in = storage.fetch(data_key(params, cfg["dataset"])), storage.fetch(pretrained)
+    if "prior_init" not in attempt["finished_phases"]:
+        train_stage("prior_init", params, data, model_in, workdir / "prior_init.pt", workdir / "ckpt-prior_init",
+                    on_log=_checkpointing(workdir, "prior_init"))
+        shutil.rmtree(workdir / "ckpt-prior_init")  # prior_init.pt is the phase's result from here on
+    if "joint" not in attempt["finished_phases"]:
+        history = train_stage("joint", params, data, workdir / "prior_init.pt", workdir / "joint.pt",
+                              workdir / "ckpt-joint", on_log=_checkpointing(workdir, "joint"))
+        shutil.rmtree(workdir / "ckpt-joint")
+        (workdir / "joint_steps.json").write_text(json.dumps(history[-1]["step"] if history else 0))
+    metrics = evaluate_stage(params, data, workdir / "joint.pt", workdir / "metrics.json")
+    attempts = json.loads((workdir / "attempts.json").read_text())
     final = {k: metrics[k] for k in ("elbo", "recon", "kl_z", "kl_r")}
     final.update(components_used="/".join(map(str, metrics["components_used_per_factor"])),
                  **{f"{phase}_iters": params[phase]["iters"] for phase in ("pretrain", "prior_init", "joint")},
                  batch_size=params["train"]["batch_size"], train_points=len(load_data(params, data).x_train),
                  test_points=metrics["test_points"], wall_s=time.time() - start,
-                 joint_steps=history[-1]["step"] if history else 0, phase="done", fingerprint=fp)
-    atomic_write_json(done, {"fingerprint": fp, "metrics": final})
-    tune.report(final)
+                 joint_steps=json.loads((workdir / "joint_steps.json").read_text()), phase="done", fingerprint=fp,
+                 nodes="/".join(a["node"][:8] for a in attempts),
+                 resumed_from="/".join(str(a["restored"].get("joint", 0)) for a in attempts))
+    (workdir / "final.json").write_text(json.dumps({"fingerprint": fp, "metrics": final, "attempts": attempts},
+                                                   indent=2))
+    tune.report(final, checkpoint=tune.Checkpoint.from_directory(workdir))
+    storage.write_json(f"finished/{name}.json", {"fingerprint": fp, "metrics": final, "attempts": attempts,
+                                                 "checkpoint": tune.get_checkpoint().path})
     return final
 
 
@@ -142,6 +317,15 @@ def trial_grid(params: dict) -> list[dict]:
             for k in s["K"] for seed in s["seeds"] for d in s["data"] for i in s["I"]]
 
 
+def pretrain_grid(params: dict) -> list[dict]:
+    """One pre-training per distinct pre-training fingerprint, with the params of its first trial."""
+    out = {}
+    for t in trial_grid(params):
+        p = trial_params(params, t["dataset"], t["K"], t["I"], t["seed"])
+        out.setdefault(pretrain_key(p), p)
+    return list(out.values())
+
+
 def experiment_name(params: dict) -> str:
     """Named after every trial's fingerprint (and the failure policy Tune stores with the experiment)."""
     fps = sorted(trial_fingerprint(trial_params(params, t["dataset"], t["K"], t["I"], t["seed"]))
@@ -149,50 +333,88 @@ def experiment_name(params: dict) -> str:
     return f"fmvae-{'+'.join(params['sweep']['data'])}-{config.fingerprint(fps, params['sweep']['max_failures'])}"
 
 
-def run_sweep(params: dict, root: Path, address: str | None = None, retry_failed: bool = False) -> pd.DataFrame:
+def pretrain_experiment_name(params: dict) -> str:
+    keys = sorted(pretrain_key(p) for p in pretrain_grid(params))
+    return f"fmvae-pretrain-{config.fingerprint(keys, params['sweep']['max_failures'])}"
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at address (or RAY_ADDRESS), or start one on this machine bound to
+    127.0.0.1; trials see the driver's FMVAE_* environment variables."""
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    local = {} if address else {"_node_ip_address": "127.0.0.1"}
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, **local,
+             runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("FMVAE_")}})
+
+
+def _config(result) -> dict:
+    """A Tune result's config (a restored trial that errored before reporting has none in memory;
+    its params.json in the storage keeps it)."""
+    if result.config:
+        return result.config
+    with result.filesystem.open_input_stream(f"{result.path}/params.json") as f:
+        return json.loads(f.read())
+
+
+def _fit(trainable, space: dict, name: str, storage: Storage, sweep: dict, retry_failed: bool):
+    """Tuner.fit of one experiment in the storage, resumed (finished trials kept) if it exists."""
+    from ray import tune
+    path = f"{storage.uri.rstrip('/')}/ray"
+    if tune.Tuner.can_restore(f"{path}/{name}"):
+        print(f"sweep: resuming {path}/{name}; finished trials are not rerun")
+        tuner = tune.Tuner.restore(f"{path}/{name}", trainable, resume_errored=False, restart_errored=retry_failed)
+    else:
+        tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
+            name=name, storage_path=path, failure_config=tune.FailureConfig(max_failures=sweep["max_failures"]),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
+    return tuner.fit()
+
+
+def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_failed: bool = False) -> pd.DataFrame:
     """Run (or resume) the sweep; return one row per trial with its status."""
     import ray
     from ray import tune
 
     s = params["sweep"]
-    root = root.resolve()
-    for dataset in s["data"]:
-        data = data_file(root, params, dataset)
-        if not data.exists():
+    storage = Storage(storage_uri)
+    for dataset in s["data"]:  # prepared here (bad data settings fail before Ray starts), published once
+        key = data_key(params, dataset)
+        if not storage.published(key):
             p = copy.deepcopy(params)
             p["data"]["name"], p["semi"]["fraction"] = dataset, 0.0
-            prepare_data(p, data)
-    if not ray.is_initialized():
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": {k: v for k, v in os.environ.items()
-                                                              if k.startswith("FMVAE_")}})
+            local = storage.cache_path(key)
+            prepare_data(p, local)
+            storage.publish(local, key)
+    connect(address)
     if s["gpus_per_trial"] > 0 and ray.cluster_resources().get("GPU", 0) == 0:
         raise config.ParamError(f"sweep.gpus_per_trial: {s['gpus_per_trial']} but the Ray cluster has no GPU "
                                 "(trials would wait forever); set it to 0 to run on CPUs")
-    trainable = tune.with_resources(run_trial, {"cpu": s["cpus_per_trial"], "gpu": s["gpus_per_trial"]})
-    storage = root / "ray"
-    name = experiment_name(params)
-    if tune.Tuner.can_restore(str(storage / name)):
-        print(f"sweep: resuming {storage / name}; finished trials are not rerun")
-        tuner = tune.Tuner.restore(str(storage / name), trainable, resume_errored=False,
-                                   restart_errored=retry_failed)
-    else:
-        space = {"trial": tune.grid_search(trial_grid(params)), "root": str(root), "params": params}
-        tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
-            name=name, storage_path=str(storage), failure_config=tune.FailureConfig(max_failures=s["max_failures"]),
-            verbose=1))
+    resources = {"cpu": s["cpus_per_trial"], "gpu": s["gpus_per_trial"]}
     start = time.time()
-    grid = tuner.fit()
+    pretrained = _fit(tune.with_resources(run_pretrain, resources),
+                      {"params": tune.grid_search(pretrain_grid(params)), "storage": storage.uri},
+                      pretrain_experiment_name(params), storage, s, retry_failed)
+    failed_pretrain = {pretrain_key(_config(r)["params"]): _last_line(r.error) for r in pretrained if r.error is not None}
+    grid = _fit(tune.with_resources(run_trial, resources),
+                {"trial": tune.grid_search(trial_grid(params)), "params": params, "storage": storage.uri},
+                experiment_name(params), storage, s, retry_failed)
     rows = []
     for r in grid:
-        # a restored trial that errored before reporting has no config in memory; its folder keeps it
-        c = (r.config or json.loads((Path(r.path) / "params.json").read_text()))["trial"]
+        c = _config(r)["trial"]
+        p = trial_params(params, c["dataset"], c["K"], c["I"], c["seed"])
         m = r.metrics or {}
         ok = r.error is None and m.get("phase") == "done"
+        error = "" if r.error is None else _last_line(r.error)
+        if pretrain_key(p) in failed_pretrain:
+            error = f"pre-training failed: {failed_pretrain[pretrain_key(p)]}"
         rows.append({"dataset": c["dataset"], "K": c["K"], "I": c["I"], "seed": c["seed"],
                      **{k: m.get(k) if ok else None for k in TRIAL_REPORT},
-                     "fingerprint": trial_fingerprint(trial_params(params, c["dataset"], c["K"], c["I"], c["seed"])),
-                     "status": "done" if ok else "failed", "error": "" if r.error is None else _last_line(r.error)})
+                     "fingerprint": trial_fingerprint(p), "status": "done" if ok else "failed", "error": error})
+        if ok and m.get("nodes"):
+            print(f"sweep: {trial_name(p)} ran on node(s) {m['nodes']}, resumed from joint step(s) {m['resumed_from']}")
     df = pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["dataset", "I", "K", "seed"]).reset_index(drop=True)
     n_fail = int((df["status"] == "failed").sum())
     print(f"sweep: {len(df) - n_fail} trials done, {n_fail} failed, wall time {time.time() - start:.0f} s")

@@ -2,12 +2,15 @@
 
     python stages/sweep.py                              # params.yaml's grid (GPU-sized); local Ray, or RAY_ADDRESS
     python stages/sweep.py --sweep-params sweep/params.yaml   # a sweep's own params file (the committed CPU run)
-    python stages/sweep.py --address HOST:6379          # join a running Ray cluster
+    python stages/sweep.py --address HOST:6379 --storage s3://bucket/fmvae   # a Ray cluster, state in shared storage
     python stages/sweep.py --retry-failed               # rerun trials recorded as failed
 
-Interrupt it and run it again: finished trials are kept, unfinished ones resume.
+Interrupt it and run it again: finished trials are kept, unfinished ones resume from their last
+checkpoint in the storage (default checkpoints/sweep; FMVAE_SWEEP_STORAGE or --storage: a folder or
+any URI Ray Tune accepts). Where the storage is does not change a number, so it is not a param.
 """
 import argparse
+import os
 
 from _common import CHECKPOINTS, REPORTS, main
 
@@ -16,7 +19,7 @@ from fmvae.sweep import run_sweep
 
 
 def sweep(params, args):
-    df = run_sweep(params, CHECKPOINTS / "sweep", args.address, args.retry_failed)
+    df = run_sweep(params, args.storage, args.address, args.retry_failed)
     atomic_write_text(REPORTS / "sweep" / "results.csv", df.to_csv(index=False))
     print(df.drop(columns=["error", "fingerprint"]).to_string(index=False))
 
@@ -25,6 +28,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep-params", default=None, help="a YAML file whose `sweep:` section replaces params.yaml's")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--storage", default=os.environ.get("FMVAE_SWEEP_STORAGE") or str(CHECKPOINTS / "sweep"),
+                        help="where data, pre-trainings, trial checkpoints and records live: a folder or a URI "
+                             "(s3://, gs://, file://); every node must reach it (default: FMVAE_SWEEP_STORAGE or "
+                             "checkpoints/sweep)")
     parser.add_argument("--retry-failed", action="store_true", help="restart trials that failed before")
     args = parser.parse_args()
     main(lambda params: sweep(params, args), args.sweep_params)

@@ -1,9 +1,12 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# the sweep's per-node cache of files fetched from its storage (default ~/.cache/fmvae): a test's own
+os.environ.setdefault("FMVAE_CACHE", tempfile.mkdtemp(prefix="fmvae-test-cache-"))
 
 
 @pytest.fixture(scope="session")

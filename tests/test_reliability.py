@@ -204,7 +204,7 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
     deadline = time.time() + 1800
     finished = []
     while time.time() < deadline and not finished and driver.poll() is None:  # trials run one at a time (2 CPUs each)
-        finished = list((root / "checkpoints/sweep/trials").glob("*/final.json"))
+        finished = list((root / "checkpoints/sweep/finished").glob("*.json"))
         time.sleep(0.5)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()

@@ -29,14 +29,15 @@ def test_sweep_writes_one_row_per_trial_and_records_the_failed_one(swept):
     budget = done[["pretrain_iters", "prior_init_iters", "joint_iters", "batch_size", "train_points", "test_points"]]
     assert (budget.to_numpy() == [[30, 10, 30, 32, 6000, 1000]] * 2).all(), budget
     assert ((done["elbo"] - (done["recon"] - done["kl_z"] - done["kl_r"])).abs() < 1e-3).all()
-    assert (root / "checkpoints/sweep/injected_failures.log").read_text().count("K=4") == 2  # 1 + max_failures
+    assert len(list((root / "checkpoints/sweep/injected_failures").glob("K4-*.json"))) == 2  # 1 + max_failures
     assert len(list((root / "checkpoints/sweep/pretrain").glob("*.pt"))) == 1  # shared by both K trials
     assert "2 trials done, 1 failed" in log
 
 
 def test_second_invocation_reuses_finished_trials(swept):
     root, _ = swept
-    trials = sorted((root / "checkpoints/sweep/trials").glob("*/joint.pt"))
+    trials = sorted((root / "checkpoints/sweep/ray").rglob("joint.pt"))
+    assert len(trials) == 2  # in each finished trial's last checkpoint
     stamps = [p.stat().st_mtime_ns for p in trials]
     before = pd.read_csv(root / "reports/sweep/results.csv")
     again = run(["python", "stages/sweep.py"], root, env_extra={"FMVAE_SWEEP_FAIL_K": "4"}, timeout=600)
@@ -54,8 +55,10 @@ def test_report_stage_draws_figure3(swept):
 
 
 def _files(root):
+    """Everything a trial writes: published data and pre-trainings, records, Tune checkpoints (not
+    Tune's own experiment state, which Tuner.restore rewrites)."""
     return {p: p.stat().st_mtime_ns for p in (root / "checkpoints/sweep").rglob("*")
-            if p.is_file() and "/ray/" not in str(p) and not p.name.endswith(".lock")}
+            if p.is_file() and ("/ray/" not in str(p) or "/checkpoint_" in str(p)) and not p.name.endswith(".lock")}
 
 
 def test_a_changed_param_retrains_every_trial_and_an_unchanged_rerun_trains_none(swept):
@@ -87,7 +90,8 @@ def test_a_finished_trial_with_unchanged_params_is_reused_by_a_new_sweep(swept):
     fingerprints, so they are reused from their final.json without training."""
     root, _ = swept
     before = pd.read_csv(root / "reports/sweep/results.csv")
-    finished = {p: p.stat().st_mtime_ns for p in (root / "checkpoints/sweep/trials").glob("*/joint.pt")}
+    finished = {p: p.stat().st_mtime_ns for p in (root / "checkpoints/sweep/ray").rglob("joint.pt")}
+    assert len(finished) == 4  # two settings of train.lr (the test above), two K each
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["sweep"]["seeds"] = [0, 1]
     params["sweep"]["K"] = [2, 3]
@@ -111,7 +115,7 @@ def test_asking_for_gpus_on_a_cluster_without_any_is_a_clear_error(tmp_path):
     res = run(["python", "stages/sweep.py"], root, check=False, timeout=300)
     assert res.returncode == 1 and "sweep.gpus_per_trial: 0.5 but the Ray cluster has no GPU" in res.stderr
     assert (results.read_bytes() if results.exists() else None) == before
-    assert not (root / "checkpoints/sweep/trials").exists()
+    assert not (root / "checkpoints/sweep/ray").exists() and not (root / "checkpoints/sweep/finished").exists()
 
 
 def test_the_first_trials_need_different_pre_trainings():
@@ -127,10 +131,10 @@ def test_the_prepared_data_and_the_trials_are_keyed_on_the_data_params(tmp_path)
     """A sweep over Omniglot with the alphabet split neither reuses the data file prepared for the
     character split nor the trials trained on it."""
     from fmvae.config import validate
-    from fmvae.sweep import data_file, trial_fingerprint, trial_params
+    from fmvae.sweep import data_key, trial_fingerprint, trial_params
     base = validate({})
     other = validate({"data": {"omniglot_split": "alphabets"}})
-    assert data_file(tmp_path, base, "omniglot") == data_file(tmp_path, validate({}), "omniglot")
-    assert data_file(tmp_path, base, "omniglot") != data_file(tmp_path, other, "omniglot")
+    assert data_key(base, "omniglot") == data_key(validate({}), "omniglot")
+    assert data_key(base, "omniglot") != data_key(other, "omniglot")
     fp = lambda p: trial_fingerprint(trial_params(p, "omniglot", 2, 1, 0))
     assert fp(base) != fp(other)
