@@ -4,10 +4,13 @@
     python stages/seeds_table.py --run default_seed1 ...          # or run them first:
     OMP_NUM_THREADS=1 dvc exp run --temp -n default_seed1 -S seed=1
     OMP_NUM_THREADS=2 dvc exp run --temp -n default_seed0_threads2 -f
+    python stages/seeds_table.py --run ... --variant default_ema0.99   # a run with other params, e.g.
+    OMP_NUM_THREADS=1 dvc exp run --temp -n default_ema0.99 -S train.ema_decay=0.99
 
 A number from one run is a draw: this table puts each run's test bound, IWAE and the spread of the
 bound over the joint phase's last snapshots beside the host and thread count it came from, then
-the mean and the min-max over the seeds of one thread count. Each experiment's metrics, evaluation,
+the mean and the min-max over the seeds of one thread count. A variant (--variant) is a run that
+changed params besides the seed: listed with what it changed, left out of the statistics. Each experiment's metrics, evaluation,
 provenance and dvc.lock are copied to reports/default_runs/<name>/, the workspace's run is read
 from reports/ (the files `dvc repro` committed), so the table and what produced it are committed
 together (tests/test_trust.py checks that they agree, and that every lock records the code at hand).
@@ -22,17 +25,25 @@ from _common import REPORTS, ROOT
 from semi_table import full_rev, show
 
 from fmvae.checkpoint import atomic_write_bytes
+from fmvae.config import _flatten
 from fmvae.report import write_table
 
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json"]
 WORKSPACE = "dvc repro (workspace)"
 
 
-def row(name: str, files: dict) -> dict:
+def changed(params: dict, default: dict) -> str:
+    """The params (other than the seed) a run set differently from params.yaml, as key=value."""
+    run, base = _flatten(params), _flatten(default)
+    return ", ".join(f"{k}={run.get(k)}" for k in sorted(run.keys() | base.keys())
+                     if k != "seed" and run.get(k) != base.get(k))
+
+
+def row(name: str, files: dict, default: dict) -> dict:
     metrics, details, prov = (json.loads(files[f"reports/{n}.json"]) for n in ("metrics", "evaluation", "provenance"))
     snaps = details.get("snapshots", {})
     host = prov.get("host", {})
-    return {"run": name, "seed": prov["seed"], "torch_threads": host.get("torch_threads"), "cpu": host.get("cpu"),
+    return {"run": name, "changed": changed(yaml.safe_load(files["params.yaml"]), default), "seed": prov["seed"], "torch_threads": host.get("torch_threads"), "cpu": host.get("cpu"),
             "test_elbo": metrics["elbo"], "iwae": metrics.get("iwae"), "recon": metrics["recon"],
             "kl_z": metrics["kl_z"], "kl_r": metrics["kl_r"],
             "snapshot_steps": "/".join(map(str, snaps.get("steps", []))),
@@ -61,7 +72,7 @@ def experiment_files(name: str) -> dict:
 
 def summary(runs: pd.DataFrame, threads: int) -> list[dict]:
     """Mean, min and max over the seeds run with `threads` threads (the first run of each seed)."""
-    seeds = runs[runs["torch_threads"] == threads].drop_duplicates("seed")
+    seeds = runs[(runs["torch_threads"] == threads) & (runs["changed"] == "")].drop_duplicates("seed")
     cols = ["test_elbo", "iwae", "recon", "kl_z", "kl_r", "spread_averaged", "spread_last_iterate",
             "spread_averaged_about_trend", "spread_last_iterate_about_trend"]
     label = f"over seeds {', '.join(map(str, sorted(seeds['seed'])))} ({threads} thread{'s' * (threads > 1)})"
@@ -72,13 +83,16 @@ def summary(runs: pd.DataFrame, threads: int) -> list[dict]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", nargs="+", default=[], help="names of finished `dvc exp run -n NAME` experiments")
+    parser.add_argument("--variant", nargs="+", default=[], help="experiments that changed other params too")
     args = parser.parse_args()
     workspace = {path: (ROOT / path).read_bytes() for path in COPIED}
     params = yaml.safe_load(workspace["params.yaml"])
-    runs = pd.DataFrame([row(WORKSPACE, workspace)] + [row(n, experiment_files(n)) for n in args.run])
-    for name, p in [(n, yaml.safe_load((REPORTS / "default_runs" / n / "params.yaml").read_text())) for n in args.run]:
-        if {k: v for k, v in p.items() if k != "seed"} != {k: v for k, v in params.items() if k != "seed"}:
-            raise SystemExit(f"error: experiment {name!r} changed more than the seed; it is not the default profile")
+    runs = pd.DataFrame([row(WORKSPACE, workspace, params)] + [row(n, experiment_files(n), params)
+                                                                for n in args.run + args.variant])
+    for r in runs.itertuples():
+        if (r.run in args.variant) != bool(r.changed):
+            raise SystemExit(f"error: experiment {r.run!r} changed {r.changed or 'only the seed'}; "
+                             f"pass it as {'--variant' if r.changed else '--run'}")
     threads = int(runs.loc[0, "torch_threads"])
     table = pd.concat([runs, pd.DataFrame(summary(runs, threads))], ignore_index=True)
     table[["seed", "torch_threads"]] = table[["seed", "torch_threads"]].astype("Int64")

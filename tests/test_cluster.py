@@ -25,7 +25,9 @@ NUMBERS = ["elbo", "recon", "kl_z", "kl_r", "components_used", "pretrain_iters",
 def single_machine(tmp_path_factory):
     """The same sweep uninterrupted on one machine (local Ray, default storage)."""
     root = copy_project(tmp_path_factory.mktemp("one-machine"), PARAMS)
+    start = time.time()
     run(["python", "stages/sweep.py"], root, timeout=900)
+    print(f"\none-machine sweep: {time.time() - start:.0f} s wall")
     return pd.read_csv(root / "reports/sweep/results.csv")
 
 
@@ -65,7 +67,10 @@ def two_nodes(tmp_path_factory):
     finally:
         cluster.shutdown()
     records = {p.stem: json.loads(p.read_text()) for p in (storage / "finished").glob("*.json")}
-    print(f"two-node sweep: {wall:.0f} s wall; node lost: {lost}")
+    print(f"\ntwo-node sweep: {wall:.0f} s wall (driver start to exit); node lost: {lost[:8]}")
+    for name, record in sorted(records.items()):
+        print(f"  {name}: " + "; ".join(f"attempt on node {a['node'][:8]}, restored {a['restored'] or 'nothing'}"
+                                      for a in record["attempts"]))
     return {"root": root, "storage": storage, "lost": lost, "workers": [w.node_id for w in workers],
             "results": pd.read_csv(root / "reports/sweep/results.csv"), "records": records,
             "log": (tmp / "driver.log").read_text()}
