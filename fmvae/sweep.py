@@ -36,7 +36,9 @@ from pathlib import Path
 import pandas as pd
 
 from . import config
+from .checkpoint import CorruptCheckpoint
 from .config import code_digest
+from .data import sha256_file
 from .pipeline import evaluate_stage, load_data, prepare_data, train_stage
 from .report import RESULT_COLUMNS, TRIAL_REPORT
 
@@ -150,17 +152,24 @@ class Storage:
         return cache / "sweep" / config.fingerprint(self.uri) / key
 
     def fetch(self, key: str) -> Path:
-        """key and its sidecar, copied once per node into the cache (locked: one copy at a time)."""
+        """key, copied into this node's cache unless the cache already holds exactly the bytes the
+        storage's sidecar names (a stale copy of a file republished under the same key is replaced),
+        checked against that sidecar on arrival; locked, so a node copies each file once."""
         from filelock import FileLock
-        local = self.cache_path(key)
+        with self.fs.open_input_stream(self._path(f"{key}.sha256")) as f:
+            digest = f.read().decode()
+        local, sidecar = self.cache_path(key), Path(f"{self.cache_path(key)}.sha256")
         local.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(f"{local}.lock"):
-            if not Path(f"{local}.sha256").exists():
-                for src, dst in ((key, local), (f"{key}.sha256", Path(f"{local}.sha256"))):
-                    tmp = dst.with_name(f"{dst.name}.tmp-{uuid.uuid4().hex}")
-                    with self.fs.open_input_stream(self._path(src)) as f, open(tmp, "wb") as out:
-                        shutil.copyfileobj(f, out)
-                    os.replace(tmp, dst)
+            if not (local.exists() and sidecar.exists() and sidecar.read_text() == digest):
+                tmp = local.with_name(f"{local.name}.tmp-{uuid.uuid4().hex}")
+                with self.fs.open_input_stream(self._path(key)) as f, open(tmp, "wb") as out:
+                    shutil.copyfileobj(f, out)
+                if sha256_file(tmp) != digest.strip():
+                    tmp.unlink()
+                    raise CorruptCheckpoint(f"{self.uri}/{key} does not match its sha256 sidecar")
+                os.replace(tmp, local)
+                sidecar.write_text(digest)
         return local
 
 

@@ -14,7 +14,7 @@ import pytest
 from helpers import copy_project, env_with_venv, run, tiny_params
 
 SWEEP = {"data": ["synthetic"], "K": [2, 3], "seeds": [0], "I": [1], "cpus_per_trial": 1, "gpus_per_trial": 0,
-         "max_failures": 1, "iters": {"pretrain": 30, "prior_init": 10, "joint": 300}}
+         "max_failures": 1, "iters": {"pretrain": 30, "prior_init": 10, "joint": 100}}
 PARAMS = tiny_params(model={"I": 1, "K": 3, "D": 4}, plot={"factors": [0, 0]}, sweep=SWEEP)
 LOOPBACK_ONLY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 NUMBERS = ["elbo", "recon", "kl_z", "kl_r", "components_used", "pretrain_iters", "prior_init_iters", "joint_iters",

@@ -138,3 +138,37 @@ def test_the_prepared_data_and_the_trials_are_keyed_on_the_data_params(tmp_path)
     assert data_key(base, "omniglot") != data_key(other, "omniglot")
     fp = lambda p: trial_fingerprint(trial_params(p, "omniglot", 2, 1, 0))
     assert fp(base) != fp(other)
+
+
+def test_the_storage_publishes_atomically_and_the_node_cache_never_serves_stale_or_corrupt_bytes(tmp_path, monkeypatch):
+    """A file counts as published once its sidecar is there; a node fetches it once; republished
+    under the same key with other bytes, the node's copy is replaced; bytes that do not match the
+    sidecar are refused and never land under the cache's name."""
+    import hashlib
+    from fmvae.checkpoint import CorruptCheckpoint
+    from fmvae.sweep import Storage
+    monkeypatch.setenv("FMVAE_CACHE", str(tmp_path / "cache"))
+
+    def file_with_sidecar(path, data):
+        path.write_bytes(data)
+        path.with_name(path.name + ".sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+        return path
+
+    storage = Storage(f"file://{tmp_path / 'storage'}")
+    assert Storage(str(tmp_path / "storage")).uri == str(tmp_path / "storage")
+    assert not storage.published("pretrain/a.pt")
+    storage.publish(file_with_sidecar(tmp_path / "a.pt", b"first"), "pretrain/a.pt")
+    assert storage.published("pretrain/a.pt")
+    assert sorted(p.name for p in (tmp_path / "storage/pretrain").iterdir()) == ["a.pt", "a.pt.sha256"]  # no temporaries
+    local = storage.fetch("pretrain/a.pt")
+    assert local.read_bytes() == b"first" and not str(local).startswith(str(tmp_path / "storage"))
+    stamp = local.stat().st_mtime_ns
+    assert storage.fetch("pretrain/a.pt").stat().st_mtime_ns == stamp  # fetched once per node
+    storage.publish(file_with_sidecar(tmp_path / "a.pt", b"second"), "pretrain/a.pt")
+    assert storage.fetch("pretrain/a.pt").read_bytes() == b"second"  # the stale copy is replaced
+    (tmp_path / "storage/pretrain/a.pt").write_bytes(b"rotten")  # bytes no longer match the sidecar
+    monkeypatch.setenv("FMVAE_CACHE", str(tmp_path / "other-node"))
+    with pytest.raises(CorruptCheckpoint, match="does not match its sha256 sidecar"):
+        storage.fetch("pretrain/a.pt")
+    assert not storage.cache_path("pretrain/a.pt").exists()
+    assert not [p for p in storage.cache_path("pretrain/a.pt").parent.iterdir() if ".tmp-" in p.name]
