@@ -215,7 +215,8 @@ def _begin_attempt(workdir: Path) -> dict:
         checkpoint.to_directory(str(workdir))
     log = workdir / "attempts.json"
     attempts = json.loads(log.read_text()) if log.exists() else []
-    attempt = {"node": ray.get_runtime_context().get_node_id(), "restored": _restored_steps(workdir),
+    attempt = {"node": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+               "restored": _restored_steps(workdir),
                "finished_phases": sorted(p.stem for p in workdir.glob("*.pt"))}
     log.write_text(json.dumps(attempts + [attempt], indent=2))
     return attempt
@@ -348,14 +349,20 @@ def pretrain_experiment_name(params: dict) -> str:
 
 
 def connect(address: str | None) -> None:
-    """Join the Ray cluster at address (or RAY_ADDRESS), or start one on this machine bound to
-    127.0.0.1; trials see the driver's FMVAE_* environment variables."""
+    """Join the Ray cluster at address (or RAY_ADDRESS), or start one on this machine that listens on
+    127.0.0.1 only; trials see the driver's FMVAE_* environment variables."""
     import ray
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    local = {} if address else {"_node_ip_address": "127.0.0.1"}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **local,
+    if address is None:
+        # Ray turns a loopback node address into the host's outward one, and then listens on every
+        # interface, unless its cluster networking is off: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read
+        # when ray is imported (hence the constant too) and inherited by the processes Ray starts
+        from ray._private import ray_constants
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             **({} if address else {"_node_ip_address": "127.0.0.1"}),
              runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("FMVAE_")}})
 
 

@@ -82,6 +82,7 @@ def test_a_sweep_on_two_nodes_with_its_storage_elsewhere_equals_the_one_machine_
     pd.testing.assert_frame_equal(df[NUMBERS], single_machine[NUMBERS])
     first_nodes = {r["attempts"][0]["node"] for r in two_nodes["records"].values()}
     assert first_nodes == set(two_nodes["workers"]), "the two K trials should start on the two workers"
+    assert {a["ip"] for r in two_nodes["records"].values() for a in r["attempts"]} == {"127.0.0.1"}
 
 
 def test_a_trial_on_a_lost_node_resumes_on_the_other_from_its_last_checkpoint(two_nodes):
