@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import os
 import re
@@ -36,10 +37,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import config
-from .checkpoint import CorruptCheckpoint
+from .checkpoint import CorruptCheckpoint, load_checked
 from .config import code_digest
 from .data import sha256_file
-from .pipeline import evaluate_stage, load_data, prepare_data, train_stage
+from .pipeline import evaluate_stage, load_data, load_model, prepare_data, train_stage
 from .report import RESULT_COLUMNS, TRIAL_REPORT
 
 # the params a trial reads (config.validate fills every key, so each of these is always present)
@@ -128,7 +129,6 @@ class Storage:
         self.fs.move(tmp, path)
 
     def write_json(self, key: str, obj) -> None:
-        import io
         self._put(key, io.BytesIO(json.dumps(obj, indent=2, sort_keys=True).encode()))
 
     def read_json(self, key: str):
@@ -234,6 +234,13 @@ def _pause_if_asked(workdir: Path) -> None:
         time.sleep(3600)
 
 
+def _threads(params: dict) -> int:
+    """A trial's torch threads: its reserved CPUs, or fewer where OMP_NUM_THREADS says so (more threads
+    than free cores make torch spin-wait: tests running beside each other set it to 1)."""
+    threads = max(1, int(params["sweep"]["cpus_per_trial"]))
+    return min(threads, int(os.environ.get("OMP_NUM_THREADS") or threads))
+
+
 def _trial_folder(name: str) -> Path:
     return Path.cwd() / name  # Tune runs each trial in its own working folder on its node
 
@@ -249,7 +256,7 @@ def run_pretrain(config_: dict) -> None:
         print(f"sweep: reusing pre-training {key}")
         tune.report({"phase": "done", "pretrained": key})
         return
-    torch.set_num_threads(max(1, int(params["sweep"]["cpus_per_trial"])))
+    torch.set_num_threads(_threads(params))
     workdir = _trial_folder(Path(key).stem)
     _begin_attempt(workdir)
     data = storage.fetch(data_key(params, params["data"]["name"]))
@@ -270,7 +277,7 @@ def run_trial(config_: dict) -> dict:
     cfg = config_ | config_["trial"]  # dataset, K, I, seed
     storage = Storage(cfg["storage"])
     params = trial_params(cfg["params"], cfg["dataset"], cfg["K"], cfg["I"], cfg["seed"])
-    torch.set_num_threads(max(1, int(params["sweep"]["cpus_per_trial"])))
+    torch.set_num_threads(_threads(params))
     if str(cfg["K"]) == os.environ.get("FMVAE_SWEEP_FAIL_K"):  # fault injection for the tests
         storage.write_json(f"injected_failures/K{cfg['K']}-{uuid.uuid4().hex}.json", {"K": cfg["K"]})
         raise RuntimeError(f"injected failure for K={cfg['K']}")
@@ -291,18 +298,18 @@ def run_trial(config_: dict) -> dict:
                     on_log=_checkpointing(workdir, "prior_init"))
         shutil.rmtree(workdir / "ckpt-prior_init")  # prior_init.pt is the phase's result from here on
     if "joint" not in attempt["finished_phases"]:
-        history = train_stage("joint", params, data, workdir / "prior_init.pt", workdir / "joint.pt",
-                              workdir / "ckpt-joint", on_log=_checkpointing(workdir, "joint"))
+        train_stage("joint", params, data, workdir / "prior_init.pt", workdir / "joint.pt",
+                    workdir / "ckpt-joint", on_log=_checkpointing(workdir, "joint"))
         shutil.rmtree(workdir / "ckpt-joint")
-        (workdir / "joint_steps.json").write_text(json.dumps(history[-1]["step"] if history else 0))
     metrics = evaluate_stage(params, data, workdir / "joint.pt", workdir / "metrics.json")
     attempts = json.loads((workdir / "attempts.json").read_text())
+    history = load_checked(workdir / "joint.pt")["history"]  # the joint phase's curve, saved with its model
     final = {k: metrics[k] for k in ("elbo", "recon", "kl_z", "kl_r")}
     final.update(components_used="/".join(map(str, metrics["components_used_per_factor"])),
                  **{f"{phase}_iters": params[phase]["iters"] for phase in ("pretrain", "prior_init", "joint")},
                  batch_size=params["train"]["batch_size"], train_points=len(load_data(params, data).x_train),
                  test_points=metrics["test_points"], wall_s=time.time() - start,
-                 joint_steps=json.loads((workdir / "joint_steps.json").read_text()), phase="done", fingerprint=fp,
+                 joint_steps=history[-1]["step"] if history else 0, phase="done", fingerprint=fp,
                  nodes="/".join(a["node"][:8] for a in attempts),
                  resumed_from="/".join(str(a["restored"].get("joint", 0)) for a in attempts))
     (workdir / "final.json").write_text(json.dumps({"fingerprint": fp, "metrics": final, "attempts": attempts},
@@ -435,3 +442,33 @@ def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_
     n_fail = int((df["status"] == "failed").sum())
     print(f"sweep: {len(df) - n_fail} trials done, {n_fail} failed, wall time {time.time() - start:.0f} s")
     return df
+
+
+def pretraining_report(params: dict, storage_uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each published pre-training of the sweep: one row with the test bound of its averaged model
+    under N(0, I) (recon - KL, one seeded sample per test point) and its last training row, and its
+    whole training curve. Every K of a (data set, seed, I) starts from this model, so this is where
+    the seeds' common offset in Figure 3 comes from."""
+    import torch
+    storage, rows, curves = Storage(storage_uri), [], []
+    for p in pretrain_grid(params):
+        key = pretrain_key(p)
+        if not storage.published(key):
+            continue  # its pre-training failed: the trials' rows say so
+        ds = load_data(p, storage.fetch(data_key(p, p["data"]["name"])))
+        path = storage.fetch(key)
+        model = load_model(p, ds, path, torch.device("cpu")).eval()
+        torch.manual_seed(p["seed"])  # the sample of z each test point's reconstruction term uses
+        recon = kl = 0.0
+        with torch.no_grad():
+            for start in range(0, len(ds.x_test), 1000):
+                r, k = model.vae_bound(ds.to_float(ds.x_test[start:start + 1000]))
+                recon, kl = recon + r.double().sum().item(), kl + k.double().sum().item()
+        n, history = len(ds.x_test), load_checked(path)["history"]
+        who = {"dataset": p["data"]["name"], "I": p["model"]["I"], "seed": p["seed"]}
+        last = history[-1] if history else {}
+        rows.append(who | {"iters": p["pretrain"]["iters"], "test_elbo": (recon - kl) / n, "test_recon": recon / n,
+                           "test_kl": kl / n, "train_elbo_last": last.get("elbo"), "train_kl_last": last.get("kl"),
+                           "pretrain": Path(key).stem})
+        curves += [who | {k: h[k] for k in ("step", "elbo", "recon", "kl")} for h in history]
+    return pd.DataFrame(rows), pd.DataFrame(curves)

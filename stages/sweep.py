@@ -1,4 +1,6 @@
-"""Ray Tune sweep over the `sweep` params -> reports/sweep/results.csv.
+"""Ray Tune sweep over the `sweep` params -> reports/sweep/results.csv (one row per trial), and
+reports/sweep/pretraining.csv / pretraining_curves.csv (each shared pre-training: its averaged
+model's test bound under N(0, I) and its training curve).
 
     python stages/sweep.py                              # params.yaml's grid (GPU-sized); local Ray, or RAY_ADDRESS
     python stages/sweep.py --sweep-params sweep/params.yaml   # a sweep's own params file (the committed CPU run)
@@ -15,13 +17,17 @@ import os
 from _common import CHECKPOINTS, REPORTS, main
 
 from fmvae.checkpoint import atomic_write_text
-from fmvae.sweep import run_sweep
+from fmvae.sweep import pretraining_report, run_sweep
 
 
 def sweep(params, args):
     df = run_sweep(params, args.storage, args.address, args.retry_failed)
     atomic_write_text(REPORTS / "sweep" / "results.csv", df.to_csv(index=False))
+    pretrained, curves = pretraining_report(params, args.storage)
+    atomic_write_text(REPORTS / "sweep" / "pretraining.csv", pretrained.to_csv(index=False))
+    atomic_write_text(REPORTS / "sweep" / "pretraining_curves.csv", curves.to_csv(index=False))
     print(df.drop(columns=["error", "fingerprint"]).to_string(index=False))
+    print(pretrained.drop(columns=["pretrain"]).to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,31 @@ def test_report_stage_draws_figure3(swept):
     assert (root / "reports/figure3_synthetic.png").read_bytes()[:4] == b"\x89PNG"
     table = pd.read_csv(root / "reports/figure3_synthetic.csv")
     assert sorted(table["K"]) == [2, 3] and (table["seeds"] == 1).all()
+    assert (root / "reports/figure3_pretraining.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_shared_pre_training_is_reported_with_its_curve_and_its_model_s_test_bound(swept):
+    """reports/sweep/pretraining.csv: the one pre-training every K shares, its averaged model's test
+    bound under N(0, I) recomputed here from the published model; pretraining_curves.csv its curve."""
+    import torch
+    from fmvae import config, pipeline, sweep
+    root, _ = swept
+    (row,) = pd.read_csv(root / "reports/sweep/pretraining.csv").itertuples()
+    curve = pd.read_csv(root / "reports/sweep/pretraining_curves.csv")
+    assert (row.dataset, row.seed, row.iters) == ("synthetic", 0, SWEEP["iters"]["pretrain"])
+    assert curve["step"].max() == SWEEP["iters"]["pretrain"] and row.train_elbo_last == curve["elbo"].iloc[-1]
+    params = config.load_params(root / "params.yaml")
+    p = sweep.trial_params(params, "synthetic", 2, 1, 0)
+    (model_file,) = (root / "checkpoints/sweep/pretrain").glob(f"{row.pretrain}.pt")
+    (data_file,) = (root / "checkpoints/sweep/data").glob("synthetic-*.pt")
+    ds = pipeline.load_data(p, data_file)
+    model = pipeline.load_model(p, ds, model_file, torch.device("cpu")).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        recon, kl = model.vae_bound(ds.to_float(ds.x_test))
+    assert row.test_recon == pytest.approx(recon.double().mean().item(), abs=1e-4)
+    assert row.test_kl == pytest.approx(kl.double().mean().item(), abs=1e-4) and row.test_kl > 0
+    assert row.test_elbo == pytest.approx(row.test_recon - row.test_kl)
 
 
 def _files(root):
