@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -76,9 +77,12 @@ def pretrain_fingerprint(params: dict) -> str:
 
 def data_key(params: dict, dataset: str) -> str:
     """The prepared data set's name in the storage, after what it depends on: the data params a
-    loader reads and the loaders' code (a data file of another split or reader is never reused)."""
+    loader reads, the seed (it draws Omniglot's split within characters and binarises `mnist`) and
+    the loaders' code (a data file of another split, seed or reader is never reused). Each trial
+    seed has its own, so a trial's data follow from its own params, which its fingerprint covers."""
     d = params["data"]
-    return f"data/{dataset}-{config.fingerprint(dataset, d['omniglot_split'], d['partial'], code_digest())}.pt"
+    fp = config.fingerprint(dataset, d["omniglot_split"], d["partial"], params["seed"], code_digest())
+    return f"data/{dataset}-s{params['seed']}-{fp}.pt"
 
 
 def pretrain_key(params: dict) -> str:
@@ -403,11 +407,12 @@ def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_
 
     s = params["sweep"]
     storage = Storage(storage_uri)
-    for dataset in s["data"]:  # prepared here (bad data settings fail before Ray starts), published once
-        key = data_key(params, dataset)
+    # each (data set, trial seed) prepared here (bad data settings fail before Ray starts), published once
+    for dataset, seed in itertools.product(s["data"], s["seeds"]):
+        p = copy.deepcopy(params)
+        p["data"]["name"], p["semi"]["fraction"], p["seed"] = dataset, 0.0, seed
+        key = data_key(p, dataset)
         if not storage.published(key):
-            p = copy.deepcopy(params)
-            p["data"]["name"], p["semi"]["fraction"] = dataset, 0.0
             local = storage.cache_path(key)
             prepare_data(p, local)
             storage.publish(local, key)

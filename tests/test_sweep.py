@@ -158,7 +158,7 @@ def test_the_first_trials_need_different_pre_trainings():
 
 def test_the_prepared_data_and_the_trials_are_keyed_on_the_data_params(tmp_path):
     """A sweep over Omniglot with the alphabet split neither reuses the data file prepared for the
-    character split nor the trials trained on it."""
+    character split nor the trials trained on it; a trial's data are prepared with its own seed."""
     from fmvae.config import validate
     from fmvae.sweep import data_key, trial_fingerprint, trial_params
     base = validate({})
@@ -167,6 +167,10 @@ def test_the_prepared_data_and_the_trials_are_keyed_on_the_data_params(tmp_path)
     assert data_key(base, "omniglot") != data_key(other, "omniglot")
     fp = lambda p: trial_fingerprint(trial_params(p, "omniglot", 2, 1, 0))
     assert fp(base) != fp(other)
+    # the seed draws the split: each trial seed reads the data prepared with it, whatever params.yaml's seed
+    seed1 = trial_params(base, "omniglot", 2, 1, 1)
+    assert data_key(seed1, "omniglot") != data_key(trial_params(base, "omniglot", 2, 1, 0), "omniglot")
+    assert data_key(seed1, "omniglot") == data_key(trial_params(validate({"seed": 7}), "omniglot", 2, 1, 1), "omniglot")
 
 
 def test_the_storage_publishes_atomically_and_the_node_cache_never_serves_stale_or_corrupt_bytes(tmp_path, monkeypatch):
