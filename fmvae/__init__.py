@@ -4,7 +4,8 @@
     fmvae.clustering  symmetry breaking: k-means++, factorial k-means with a latent rotation
     fmvae.nets        encoders and decoders of section 4
     fmvae.model       FMVAE: the bound (4a)-(4e), (8), (11), IWAE, conditional samples
-    fmvae.train       pre-training, prior initialisation, joint training, checkpoints
+    fmvae.train       what each phase trains: pre-training, prior initialisation, joint training
+    fmvae.step        how an iteration runs (eager, compiled, CUDA graph) and the loop: checkpoints, resume
     fmvae.evaluate    test bound, accuracies
     fmvae.data        data sets, downloads and the local mirror
     fmvae.config      params.yaml schema and validation

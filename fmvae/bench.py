@@ -25,7 +25,8 @@ import torch
 
 from .evaluate import evaluate_bound, importance_weighted_log_likelihood
 from .model import FMVAE
-from .train import Batcher, TrainConfig, TrainData, joint_step, make_runner, pretrain_step, _optimizer
+from .step import Batcher, TrainData, make_runner
+from .train import TrainConfig, joint_step, pretrain_step, _optimizer
 
 MODES = {"eager": dict(compile=False, cuda_graph=False), "graph": dict(compile=False, cuda_graph=True),
          "compiled": dict(compile=True, cuda_graph=True)}

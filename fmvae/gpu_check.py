@@ -42,7 +42,9 @@ import yaml
 from . import bench, config, data as data_mod, evaluate as ev
 from .checkpoint import atomic_write_json, atomic_write_text
 from .pipeline import write_curve
-from .train import ORDERS, TrainData, init_prior, joint_train, pretrain
+from .schema import ORDERS
+from .step import TrainData
+from .train import init_prior, joint_train, pretrain
 
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "mnist_paper.yaml"
 PAPER_ELBO = -85.77  # binarised MNIST, K = 512 (Figure 3)

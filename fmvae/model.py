@@ -56,13 +56,16 @@ class FMVAE(nn.Module):
         mu, logvar = _full_precision(self.encoder(x)).chunk(2, dim=-1)
         return mu.reshape(-1, self.I, self.D), logvar.reshape(-1, self.I, self.D)
 
-    def reconstruction(self, x: Tensor, mu: Tensor, logvar: Tensor, samples: int = 1) -> Tensor:
-        """E_q[log p(x|z)] by `samples` reparameterised draws, (B,)."""
+    def reconstruction(self, x: Tensor, mu: Tensor, logvar: Tensor, samples: int = 1,
+                       noise: Tensor | None = None) -> Tensor:
+        """E_q[log p(x|z)] by `samples` reparameterised draws, (B,). noise: the standard normal draws,
+        (samples, B, I*D), when the caller keeps its own random stream (packed trials); else drawn here."""
         std = (0.5 * logvar).exp().flatten(1)
         mu = mu.flatten(1)
         total = 0.0
-        for _ in range(samples):
-            z = mu + std * torch.randn_like(std)
+        for s in range(samples):
+            eps = torch.randn_like(std) if noise is None else noise[s]
+            z = mu + std * eps
             total = total + _full_precision(self.decoder.log_prob(x, z))
         return total / samples if samples > 1 else total
 
@@ -73,10 +76,11 @@ class FMVAE(nn.Module):
         return self.bound_from_encodings(x, mu, logvar, labels, samples, stats)
 
     def bound_from_encodings(self, x: Tensor, mu: Tensor, logvar: Tensor, labels: Tensor | None = None,
-                             samples: int = 1, stats: PriorStats | None = None) -> BoundTerms:
+                             samples: int = 1, stats: PriorStats | None = None,
+                             noise: Tensor | None = None) -> BoundTerms:
         var = logvar.exp()
         step = self.prior.local_step(mu, var, labels, stats)
-        recon = self.reconstruction(x, mu, logvar, samples)
+        recon = self.reconstruction(x, mu, logvar, samples, noise)
         ce = self.prior.cross_entropy(step, labels) if labels is not None else torch.zeros_like(recon)
         return BoundTerms(recon, self.prior.kl_z(logvar, step), self.prior.kl_r(step), ce, step, mu, var)
 

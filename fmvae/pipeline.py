@@ -18,7 +18,8 @@ from . import config, data as data_mod, evaluate as ev
 from .checkpoint import CheckpointDir, atomic_write_json, atomic_write_text, load_checked, provenance, save_checked
 from .data import sha256_file
 from .model import FMVAE
-from .train import TrainData, init_prior, joint_train, pretrain
+from .step import TrainData
+from .train import init_prior, joint_train, pretrain
 
 PHASES = {"pretrain": pretrain, "prior_init": init_prior, "joint": joint_train}
 

@@ -48,6 +48,7 @@ SCHEMA = {
     "joint.iters": (6000, int, _nonneg, ">= 0"),
     "joint.kl_z_weight": (1.0, float, _pos, "> 0"),
     "joint.kl_z_anneal_iters": (0, int, _nonneg, ">= 0"),
+    "joint.lr_decay": (0.5, float, lambda v: 0 <= v <= 1, "in [0, 1] (the last fraction of the joint phase over which Adam's step size falls linearly to 0; 0: constant)"),
     "joint.order": ("reuse", str, lambda v: v in ORDERS, "one of " + ", ".join(ORDERS)),
     "joint.snapshots": (5, int, _nonneg, ">= 0 (models kept at the last steps, for the spread of the test bound)"),
     "joint.snapshot_every": (200, int, _pos, ">= 1 (iterations between those snapshots)"),

@@ -8,7 +8,7 @@ sys.path.insert(0, str(ROOT))
 from fmvae.checkpoint import CorruptCheckpoint  # noqa: E402
 from fmvae.config import ParamError, load_params  # noqa: E402
 from fmvae.data import DataError  # noqa: E402
-from fmvae.train import NumericalError  # noqa: E402
+from fmvae.step import NumericalError  # noqa: E402
 
 DATA = ROOT / "data" / "prepared" / "dataset.pt"
 MODELS = ROOT / "models"

@@ -9,7 +9,8 @@ from fmvae.pipeline import evaluate_stage, load_data, load_model, prepare_data, 
 from fmvae.data import factorial_vectors
 from fmvae.evaluate import evaluate_bound
 from fmvae.model import FMVAE
-from fmvae.train import TrainConfig, TrainData, WeightAverage, init_prior, joint_train, pretrain
+from fmvae.step import TrainData, WeightAverage
+from fmvae.train import TrainConfig, init_prior, joint_train, pretrain
 from helpers import tiny_params
 
 

@@ -12,7 +12,8 @@ import yaml
 from fmvae.checkpoint import CheckpointDir, CorruptCheckpoint, load_checked, save_checked
 from fmvae.data import factorial_vectors
 from fmvae.model import FMVAE
-from fmvae.train import NumericalError, TrainConfig, TrainData, joint_train
+from fmvae.step import NumericalError, TrainData
+from fmvae.train import TrainConfig, joint_train
 from helpers import copy_project, env_with_venv, run, tiny_params
 
 OUTS = ["models/joint.pt", "reports/metrics.json"]

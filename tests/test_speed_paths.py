@@ -8,7 +8,8 @@ from fmvae import bench
 from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.evaluate import evaluate_bound, supervised_accuracy
 from fmvae.model import FMVAE
-from fmvae.train import TrainConfig, joint_step, make_optimizer
+from fmvae.step import make_optimizer
+from fmvae.train import TrainConfig, joint_step
 from test_end_to_end import train
 
 

@@ -12,7 +12,8 @@ from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.model import FMVAE
 from fmvae.prior import FactorialMixturePrior
 from fmvae.distributions import normal_gamma as ng
-from fmvae.train import TrainConfig, TrainData, init_prior, joint_step, joint_train, make_optimizer, pretrain
+from fmvae.step import TrainData, make_optimizer
+from fmvae.train import TrainConfig, init_prior, joint_step, joint_train, pretrain
 
 identity = lambda t: t
 
