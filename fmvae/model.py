@@ -105,11 +105,11 @@ class FMVAE(nn.Module):
         head.bias.copy_(mixing @ head.bias)
         first.weight.copy_(first.weight @ r)  # W z = W R z'^T since z = z' R^T
 
-    def vae_bound(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(recon, KL) per point under a N(0, I) prior, for pre-training."""
+    def vae_bound(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(recon, KL) per point under a N(0, I) prior, for pre-training; noise as in reconstruction."""
         mu, logvar = self.encode(x)
         kl = 0.5 * (mu * mu + logvar.exp() - 1.0 - logvar).flatten(1).sum(-1)
-        return self.reconstruction(x, mu, logvar), kl
+        return self.reconstruction(x, mu, logvar, noise=noise), kl
 
     @torch.no_grad()
     def importance_weighted(self, x: Tensor, samples: int, chunk: int = 100) -> Tensor:

@@ -71,6 +71,13 @@ def neg_entropy_gaussian(logvar: Tensor) -> Tensor:
     return -0.5 * (ng.LOG_2PI + 1.0 + logvar).sum(-1)
 
 
+def _sum_k(terms: Tensor) -> Tensor:
+    """Sum over components (the last axis), accumulated in float64: a float32 sum's rounding depends
+    on how many (zero) padded components follow the real ones, the float64 one's does not reach the
+    float32 result, so a trial's terms do not depend on the K of the others in its pack."""
+    return terms.sum(-1, dtype=torch.float64).to(terms.dtype)
+
+
 class FactorialMixturePrior(nn.Module):
     """p(z) = prod_i sum_k pi_ik N(z_i; mu_ik, diag(alpha_ik)^-1) with q(xi) in natural parameters.
 
@@ -197,7 +204,7 @@ class FactorialMixturePrior(nn.Module):
             features = ng.ell_features(mu, var).transpose(0, 1)  # (I, B, 2D)
             ell = (stats.const[:, None, :] + features @ stats.weights.transpose(-1, -2)).transpose(0, 1)
             logits = ell + stats.log_pi
-            gamma = torch.softmax(logits.detach(), dim=-1)
+            gamma = torch.softmax(logits.detach(), dim=-1, dtype=torch.float64).to(dtype)  # see _sum_k
             if labels is not None:
                 gamma = self.clamp(gamma, labels)
         return LocalStep(ell, stats.log_pi, logits, gamma)
@@ -210,7 +217,7 @@ class FactorialMixturePrior(nn.Module):
     # --------------------------------------------------------- bound terms
     def kl_z(self, logvar: Tensor, step: LocalStep) -> Tensor:
         """KL[z] per point and factor (4b, C.2): sum_k gamma_ik (-H[q(z_i|x)] - ell_ik). (B, I)."""
-        return (step.gamma * (neg_entropy_gaussian(logvar)[..., None] - step.ell)).sum(-1)
+        return _sum_k(step.gamma * (neg_entropy_gaussian(logvar)[..., None] - step.ell))
 
     def kl_r(self, step: LocalStep) -> Tensor:
         """KL[r] per point and factor (4c, C.3): sum_k gamma (log gamma - E[log pi]). (B, I)."""
@@ -218,7 +225,7 @@ class FactorialMixturePrior(nn.Module):
         log_pi = torch.where(self.mask, step.log_pi, torch.zeros_like(step.log_pi))
         # 0 log 0 = 0 with a finite derivative at 0 (padded components), unlike xlogy's
         log_gamma = torch.log(torch.where(gamma > 0, gamma, torch.ones_like(gamma)))
-        return (gamma * (log_gamma - log_pi)).sum(-1)
+        return _sum_k(gamma * (log_gamma - log_pi))
 
     def cross_entropy(self, step: LocalStep, labels: Tensor) -> Tensor:
         """-sum_{observed i} log g_{i, y_i} per point (the term Delta multiplies in (8)). (B,)."""
@@ -243,8 +250,9 @@ class FactorialMixturePrior(nn.Module):
         """
         h = self.hyper
         f64 = torch.float64
-        n_k, s1, s2 = (t.to(f64) for t in ng.sufficient_statistics(
-            *(t.transpose(0, 1).to(torch.promote_types(mu.dtype, torch.float32)) for t in (mu, var, gamma)), n_total))
+        # in float64: exact enough that a prior padded with empty components (a pack, fmvae.pack) sums
+        # to the same statistics as the unpadded one, whatever shapes the matrix product is tiled for
+        n_k, s1, s2 = ng.sufficient_statistics(*(t.transpose(0, 1).to(f64) for t in (mu, var, gamma)), n_total)
         lam_star = ng.natural_batch_optimum(n_k, s1, s2, h.m0, h.s0, h.a0, h.b0)
         c_star = h.c0 + n_k
         rho = torch.as_tensor(rho, dtype=f64, device=self.lam.device)

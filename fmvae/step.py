@@ -87,18 +87,21 @@ class GraphedStep:
     the capture so that every replay recomputes them from the current q(xi).
     """
 
-    def __init__(self, step_fn, batcher: Batcher, optimizer=None, prior=None, warmup: int = 3):
+    def __init__(self, step_fn, batcher: Batcher, optimizer=None, prior=None, warmup: int = 3, generators=()):
         self.step_fn, self.batcher, self.optimizer, self.prior, self.warmup = step_fn, batcher, optimizer, prior, warmup
-        device = batcher.data.x.device
-        self.idx = torch.zeros(batcher.batch_size, dtype=torch.long, device=device)
-        self.step = torch.zeros((), dtype=torch.long, device=device)
+        self.generators = tuple(generators)  # CUDA generators the step draws from besides the default one
+        self.idx = None  # the batch indices' static buffer, shaped by the first draw (a pack's: (members, B))
+        self.step = torch.zeros((), dtype=torch.long, device=batcher.data.x.device)
         self.graph, self.out, self.calls = None, None, 0
 
     def _body(self):
         return self.step_fn(self.step, *self.batcher.gather(self.idx))
 
     def __call__(self, step: int):
-        self.idx.copy_(self.batcher.draw())
+        idx = self.batcher.draw()
+        if self.idx is None:
+            self.idx = torch.empty_like(idx)
+        self.idx.copy_(idx)
         self.step.fill_(step)
         if self.graph is None and self.calls < self.warmup:
             self.calls += 1
@@ -114,6 +117,8 @@ class GraphedStep:
             if self.prior is not None:
                 self.prior.invalidate_stats()
             self.graph = torch.cuda.CUDAGraph()
+            for generator in self.generators:  # so that each replay advances their streams, as eager steps do
+                self.graph.register_generator_state(generator)
             with torch.cuda.graph(self.graph):
                 self.out = self._body()
         self.graph.replay()
@@ -162,10 +167,10 @@ class WeightAverage:
 
 
 
-def make_runner(step_fn, batcher: Batcher, cfg: TrainConfig, optimizer=None, prior=None):
+def make_runner(step_fn, batcher: Batcher, cfg: TrainConfig, optimizer=None, prior=None, generators=()):
     """EagerStep, or GraphedStep where cfg.cuda_graph applies (CUDA, nan_policy "stop")."""
     if cfg.cuda_graph and batcher.data.x.is_cuda and cfg.nan_policy == "stop":
-        return GraphedStep(step_fn, batcher, optimizer, prior)
+        return GraphedStep(step_fn, batcher, optimizer, prior, generators=generators)
     return EagerStep(step_fn, batcher)
 
 
@@ -225,7 +230,7 @@ def run_loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batch
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, desc=phase, disable=not cfg.progress,
                mininterval=1.0, dynamic_ncols=True)
     t0 = time.monotonic()
-    runner = make_runner(step_fn, batcher, cfg, optimizer, model.prior)
+    runner = make_runner(step_fn, batcher, cfg, optimizer, model.prior, getattr(model, "generators", ()))
     for step in bar:
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
@@ -284,6 +289,16 @@ def make_optimizer(params, lr: float, capturable: bool = False):
             lr = torch.tensor(lr, device=params[0].device)
         return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
     return torch.optim.Adam(params, lr=lr)
+
+
+def gradient_norm(params, members: int = 0) -> torch.Tensor:
+    """The gradient's Euclidean norm over all parameters (clip_grad_norm_ with max_norm = inf, which
+    clips nothing); per member, shape (members,), when every parameter is stacked along a leading
+    member axis (fmvae.pack), computed the same way: the norm of the per-tensor norms."""
+    if not members:
+        return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    norms = [torch.linalg.vector_norm(p.grad.reshape(members, -1), dim=1) for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms), dim=0)
 
 
 def set_lr(optimizer, lr) -> None:

@@ -15,8 +15,8 @@ from .clustering import factorial_kmeans
 from .model import FMVAE
 from .prior import robbins_monro
 from .schema import ORDERS, default
-from .step import (Batcher, TrainData, WeightAverage, as_weight, autocast, compiled, make_optimizer,
-                   ramp, run_loop, set_lr, skip_batch)
+from .step import (Batcher, TrainData, WeightAverage, as_weight, autocast, compiled, gradient_norm,
+                   make_optimizer, ramp, run_loop, set_lr, skip_batch)
 
 @dataclass
 class TrainConfig:
@@ -78,11 +78,12 @@ def _optimizer(params, cfg: TrainConfig):
 def pretrain_step(model: FMVAE, opt, cfg: TrainConfig):
     """One step of E_q[log p(x|z)] - w_t KL[q(z|x) || N(0, I)] ascent (also the benchmark's plain VAE step)."""
     params = model.network_parameters()
+    members = getattr(model, "members", 0)  # a pack of trials (fmvae.pack): terms per member
 
     def forward(x, w):
         with autocast(x, cfg):
             recon, kl = model.vae_bound(x)
-        return -(recon - w * kl).mean(), recon, kl
+        return -(recon - w * kl).mean(-1).sum(), recon, kl  # sum over a pack's members (fmvae.pack)
 
     forward = compiled(forward, cfg)
 
@@ -94,9 +95,9 @@ def pretrain_step(model: FMVAE, opt, cfg: TrainConfig):
         if skip_batch(cfg, loss):
             opt.zero_grad(set_to_none=True)
             return None
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        grad_norm = gradient_norm(params, members)
         opt.step()
-        return {"elbo": (recon - kl).mean().detach(), "recon": recon.mean().detach(), "kl": kl.mean().detach(),
+        return {"elbo": (recon - kl).mean(-1).detach(), "recon": recon.mean(-1).detach(), "kl": kl.mean(-1).detach(),
                 "grad_norm": grad_norm}
 
     return step_fn
@@ -209,13 +210,15 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
     cfg.compile sends through torch.compile; q(xi)'s statistics enter it as inputs.
     """
     prior = model.prior
+    members = getattr(model, "members", 0)  # a pack of trials (fmvae.pack): terms per member
     rho = lambda: robbins_monro(prior.svi_steps, cfg.tau0, cfg.kappa)
 
     def loss_terms(x, mu, logvar, labels, stats, w):
         with autocast(x, cfg):
             terms = model.bound_from_encodings(x, mu, logvar, labels, stats=stats)
         kl_z, kl_r = terms.kl_z.sum(-1), terms.kl_r.sum(-1)
-        loss = -(terms.recon - w * kl_z - kl_r).mean() + cfg.delta * terms.ce.mean()
+        # per point means over the batch, summed over a pack's members (one member: the mean)
+        loss = -(terms.recon - w * kl_z - kl_r).mean(-1).sum() + cfg.delta * terms.ce.mean(-1).sum()
         return loss, terms.recon, kl_z, kl_r, terms.ce, terms.step.gamma
 
     def encode_and_loss(x, labels, stats, w):
@@ -234,15 +237,15 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
         if skip_batch(cfg, loss):
             opt.zero_grad(set_to_none=True)
             return None
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+        grad_norm = gradient_norm(params, members)
         if cfg.lr_decay > 0:
             set_lr(opt, cfg.lr * lr_factor(step, cfg))
         opt.step()
         return grad_norm
 
     def report(recon, kl_z, kl_r, ce, grad_norm):
-        return {"bound": (recon - kl_z - kl_r).mean().detach(), "recon": recon.mean().detach(),
-                "kl_z": kl_z.mean().detach(), "kl_r": kl_r.mean().detach(), "ce": ce.mean().detach(),
+        return {"bound": (recon - kl_z - kl_r).mean(-1).detach(), "recon": recon.mean(-1).detach(),
+                "kl_z": kl_z.mean(-1).detach(), "kl_r": kl_r.mean(-1).detach(), "ce": ce.mean(-1).detach(),
                 "grad_norm": grad_norm}
 
     def svi(mu, var, gamma):

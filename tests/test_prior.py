@@ -161,3 +161,39 @@ def test_stats_cache_follows_every_change_of_q_xi():
     with torch.no_grad():
         prior.c[0, 1] = -1.0
     assert not prior.is_valid()
+
+
+def test_samples_come_from_populated_components_unless_clamped():
+    """A component q(pi) credits with no data has the hyperprior's Student-t, 2 a0 = 0.02 degrees of
+    freedom: draws beyond 1e30. The sampler leaves it out of the free draws (E[pi] renormalised over
+    the populated ones), keeps it when clamped, and keeps every component of an untrained prior."""
+    prior = concentrated_prior([-5.0, 5.0, 0.0], [4.0, 4.0, 1.0], [0.5, 0.5, 0.0], conc=1e4)
+    m, s, a, b = ng.mean_from_natural(prior.lam)
+    h = prior.hyper
+    m[0, 2], s[0, 2], a[0, 2], b[0, 2] = h.m0, h.s0, h.a0, h.b0  # component 2: the hyperprior, no data
+    prior.lam.copy_(ng.natural_from_mean(m, s, a, b))
+    prior.c[0, 2] = h.c0
+    assert prior.populated().tolist() == [[True, True, False]]
+    torch.manual_seed(5)
+    z, k = prior.sample(20000)
+    assert (k != 2).all() and z.abs().max() < 10
+    assert 0.48 < (k == 1).float().mean() < 0.52  # E[pi] over the two populated, renormalised
+    z, k = prior.sample(20000, populated_only=False)  # the predictive (10) as it is
+    p2 = (h.c0 / prior.c.sum()).item()
+    assert (k == 2).float().mean().item() == pytest.approx(p2, abs=4 * (p2 / 20000) ** 0.5)
+    z, k = prior.sample(2000, torch.full((2000, 1), 2))
+    assert (k == 2).all() and z.abs().max() > 1e6  # clamped: what was asked for, heavy tails included
+    fresh = FactorialMixturePrior([3], 1)
+    assert not fresh.populated().any()
+    _, k = fresh.sample(3000)
+    assert set(k.flatten().tolist()) == {0, 1, 2}
+
+
+def test_uncached_stats_equal_the_cached_and_leave_no_cache():
+    torch.manual_seed(6)
+    prior = FactorialMixturePrior([3], 2)
+    prior.init_from_encodings(torch.randn(30, 1, 2), torch.full((30, 1, 2), 0.1), 30)
+    fresh = prior.stats(cache=False)
+    assert getattr(prior, "_stats_key", None) is None
+    for got, want in zip(fresh, prior.stats()):
+        assert torch.equal(got, want)
