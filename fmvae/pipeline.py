@@ -10,6 +10,7 @@ import csv
 import io
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from .checkpoint import CheckpointDir, atomic_write_json, atomic_write_text, loa
 from .data import sha256_file
 from .model import FMVAE
 from .step import TrainData
-from .train import init_prior, joint_train, pretrain
+from .train import TrainConfig, init_prior, joint_train, pretrain
 
 PHASES = {"pretrain": pretrain, "prior_init": init_prior, "joint": joint_train}
 
@@ -72,12 +73,22 @@ def write_curve(history: list[dict], path: Path) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None, model_out: Path,
-                ckpt_dir: Path, curve_out: Path | None = None, on_log=None,
-                snapshots_out: Path | None = None) -> list[dict]:
-    """pretrain / prior_init / joint: load, check, train with resume, save. model_out holds the
-    averaged weights (train.ema_decay); snapshots_out (joint) the models at the last steps, each
-    averaged and as the last iterate, for evaluate_stage's spread."""
+@dataclass
+class PhaseRun:
+    """What a training phase needs, read and checked (prepare_phase): the model, the device-resident
+    data, the phase's config, its fingerprint (settings, shapes, input files and the code: a
+    checkpoint of other code is never resumed) and its checkpoint folder (one per fingerprint)."""
+    phase: str
+    params: dict
+    model: FMVAE
+    data: TrainData
+    cfg: TrainConfig
+    fingerprint: str
+    ckpt: CheckpointDir
+    kwargs: dict
+
+
+def prepare_phase(phase: str, params: dict, data_path: Path, model_in: Path | None, ckpt_dir: Path) -> PhaseRun:
     dev = config.device(params)
     ds = load_data(params, data_path)
     if model_in is None:
@@ -89,29 +100,49 @@ def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None
     labels = data_mod.semi_supervised_labels(ds.y_train, params["semi"]["fraction"], model.I, params["seed"])
     data = TrainData(ds.x_train.to(dev), ds.to_float, None if labels is None else labels.to(dev))
     inputs = [sha256_file(p) for p in (data_path, model_in) if p is not None]
-    # settings, shapes, input files and the code: a checkpoint of other code is never resumed
     fp = config.fingerprint(phase, cfg.__dict__, config.model_config(model, phase != "pretrain"), inputs,
                             config.code_digest())
     kwargs = {}
     if phase == "joint" and params["semi"]["delta"] > 0 and labels is not None:
         kwargs["gradient_factors"] = list(range(len(ds.property_K)))
-    start = time.time()
-    ckpt = CheckpointDir(Path(ckpt_dir) / fp)  # one folder per setting: settings never prune each other
+    return PhaseRun(phase, params, model, data, cfg, fp, CheckpointDir(Path(ckpt_dir) / fp), kwargs)
 
-    def log(row, history):  # the curve is rewritten (atomically) at every log step: `dvc plots show` mid-run
+
+def curve_writer(curve_out: Path | None, on_log=None):
+    """on_log for a phase: the curve is rewritten (atomically) at every log step (`dvc plots show`
+    mid-run), then on_log(row, history) if given."""
+    def log(row, history):
         if curve_out is not None:
             write_curve(history, curve_out)
         if on_log is not None:
             on_log(row, history)
+    return log
 
-    history = PHASES[phase](model, data, cfg, ckpt, fp, log, meta=provenance(params), **kwargs)
-    save_model(model, model_out, params, history, with_prior=phase != "pretrain")
+
+def finish_phase(run: PhaseRun, history: list[dict], model_out: Path, curve_out: Path | None = None,
+                 snapshots_out: Path | None = None) -> None:
+    """Save the trained model, the snapshots (joint), the curve; drop other settings' checkpoints."""
+    params, model = run.params, run.model
+    save_model(model, model_out, params, history, with_prior=run.phase != "pretrain")
     if snapshots_out is not None:
-        save_checked({"snapshots": ckpt.snapshots(up_to=cfg.iters), "config": config.model_config(model),
+        save_checked({"snapshots": run.ckpt.snapshots(up_to=run.cfg.iters), "config": config.model_config(model),
                       "provenance": provenance(params)}, snapshots_out)
     if curve_out is not None:
         write_curve(history, curve_out)
-    ckpt.prune_siblings()
+    run.ckpt.prune_siblings()
+
+
+def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None, model_out: Path,
+                ckpt_dir: Path, curve_out: Path | None = None, on_log=None,
+                snapshots_out: Path | None = None) -> list[dict]:
+    """pretrain / prior_init / joint: load, check, train with resume, save. model_out holds the
+    averaged weights (train.ema_decay); snapshots_out (joint) the models at the last steps, each
+    averaged and as the last iterate, for evaluate_stage's spread."""
+    start = time.time()
+    run = prepare_phase(phase, params, data_path, model_in, ckpt_dir)
+    history = PHASES[phase](run.model, run.data, run.cfg, run.ckpt, run.fingerprint, curve_writer(curve_out, on_log),
+                            meta=provenance(params), **run.kwargs)
+    finish_phase(run, history, model_out, curve_out, snapshots_out)
     last = history[-1] if history else {}
     print(f"{phase}: done in {time.time() - start:.0f} s; " + ", ".join(f"{k}={v:.3f}" for k, v in last.items()
                                                                         if k in ("elbo", "recon", "kl", "kl_z", "kl_r")))
