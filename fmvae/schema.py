@@ -68,6 +68,7 @@ SCHEMA = {
     "sweep.I": ([1], list, lambda v: v != [] and all(isinstance(k, int) and k >= 1 for k in v), "a non-empty list of ints >= 1"),
     "sweep.cpus_per_trial": (2.0, float, _pos, "> 0"),
     "sweep.gpus_per_trial": (0.25, float, _unit, "in [0, 1] (a fraction lets trials share a GPU)"),
+    "sweep.pack": (1, int, _pos, ">= 1 (the most trials of one data set and I trained as one vectorised model, fmvae.pack; 1: each trial alone, the CPU's best)"),
     "sweep.max_failures": (1, int, _nonneg, ">= 0 (retries of a trial that raises)"),
     "sweep.iters.pretrain": (None, (int, type(None)), lambda v: v is None or v >= 0, "null or >= 0"),
     "sweep.iters.prior_init": (None, (int, type(None)), lambda v: v is None or v >= 0, "null or >= 0"),
