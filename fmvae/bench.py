@@ -1,4 +1,5 @@
-"""Benchmark: `python -m fmvae.bench [--device auto] [--tiny] [--modes ...] [--out reports/bench.json]`.
+"""Benchmark: `python -m fmvae.bench [--device auto] [--tiny] [--modes ...] [--out reports/bench.json]`;
+`python -m fmvae.bench --pack 1 4 9 18 36` times packed trials instead (bench_packs).
 
 Measures, side by side in one run (plain and joint blocks interleaved, warm-up
 excluded, median of the repeats):
@@ -129,6 +130,63 @@ def bench_training(model: str, K, args, device, mode: str = "eager", bf16: bool 
     return row
 
 
+def bench_packs(args, device) -> list[dict]:
+    """Trial-iterations per second of the MNIST joint step for packs of args.pack trials (fmvae.pack;
+    K cycling through 2, 4, ..., 512 as in Figure 3's grid, one seed each), side by side with one
+    trial alone, in the first of args.modes that applies (graph on CUDA), with each pack's peak
+    memory (CUDA; the process's resident set on a CPU, which only grows)."""
+    from .pack import PackBatcher, PackedModel
+    mode = next(m for m in args.modes if m != "graph" or device.type == "cuda")
+    batch = args.batch_size if not args.tiny else 8
+    x, to_float = _pool("binary", 4096 if not args.tiny else 256, device)
+    data, n_total, grid = TrainData(x, to_float), 50000, [2, 4, 8, 16, 32, 64, 128, 256, 512]
+    cfg = TrainConfig(iters=0, batch_size=batch, lr=1e-4, tau0=10.0, kappa=0.7, **MODES[mode])
+
+    def member(i):
+        torch.manual_seed(i)
+        model = FMVAE("conv28", (1, 28, 28), grid[i % len(grid)], 64).to(device)
+        with torch.no_grad():
+            mu, logvar = model.encode(to_float(x[:2048]))
+        model.prior.init_from_encodings(mu, logvar.exp(), n_total, torch.Generator().manual_seed(i))
+        return model
+
+    def runner(size):
+        if size == 0:  # one trial alone, the sweep's step today
+            model = member(0)
+            opt = _optimizer(model.network_parameters(), cfg)
+            step = joint_step(model, opt, cfg, n_total, model.network_parameters())
+            return make_runner(step, Batcher(data, batch, 0), cfg, opt, model.prior)
+        pack = PackedModel([member(i) for i in range(size)], range(size))
+        params = pack.network_parameters()
+        opt = _optimizer(params, cfg)
+        step = joint_step(pack, opt, cfg, n_total, params)
+        return make_runner(step, PackBatcher([data] * size, batch, range(size), pack), cfg, opt, pack.prior,
+                           pack.generators)
+
+    rows = []
+    steps = {0: runner(0)} | {size: runner(size) for size in args.pack}
+    times = _time_side_by_side(steps, args.iters, args.repeats, args.warmup, device)
+    for size, fn in steps.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            fn(0)
+            _sync(device)
+        rows.append({"model": "mnist28", "pack": size or 1, "alone": size == 0, "mode": mode, "device": str(device),
+                     "batch": batch, "threads": torch.get_num_threads(), "step_s": times[size],
+                     "trial_it_s": (size or 1) / times[size], "vs_alone": (size or 1) * times[0] / times[size],
+                     "peak_memory_mb": _peak_memory_mb(device)})
+    return rows
+
+
+def format_packs(rows: list[dict]) -> str:
+    lines = [f"{'pack':>10} {'mode':>6} {'step s':>9} {'trial-it/s':>11} {'x alone':>8} {'peak MB':>8}"]
+    for r in rows:
+        name = "alone" if r["alone"] else str(r["pack"])
+        lines.append(f"{name:>10} {r['mode']:>6} {r['step_s']:9.4f} {r['trial_it_s']:11.1f} {r['vs_alone']:8.2f} "
+                     f"{r['peak_memory_mb']:8.0f}")
+    return "\n".join(lines)
+
+
 def plan(args, device) -> list[tuple]:
     """(model, K, mode, bf16) of every row: "graph" only on CUDA, "compiled" only at the largest K."""
     modes = [m for m in args.modes if m != "graph" or device.type == "cuda"]
@@ -172,6 +230,9 @@ def parser() -> argparse.ArgumentParser:
                    help="execution modes (graph: CUDA only; compiled: at the largest K only)")
     p.add_argument("--bf16", nargs="+", default=["off"], choices=["off", "on"],
                    help="bf16 autocast for the networks, off and/or on (the prior stays float32)")
+    p.add_argument("--pack", type=int, nargs="+", default=None,
+                   help="only the packed MNIST joint step: trial-iterations/s of packs of these sizes beside one "
+                        "trial alone (fmvae.pack)")
     p.add_argument("--tiny", action="store_true", help="a few iterations at batch 8: checks that it runs")
     p.add_argument("--out", default="reports/bench.json")
     return p
@@ -204,8 +265,14 @@ def run(args) -> list[dict]:
 
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
-    rows = run(args)
-    print(format_table(rows))
+    if args.pack:
+        if args.tiny:
+            args.iters, args.repeats, args.warmup = 2, 1, 4
+        rows = bench_packs(args, resolve_device(args.device))
+        print(format_packs(rows))
+    else:
+        rows = run(args)
+        print(format_table(rows))
     out = Path(args.out)
     from .checkpoint import atomic_write_json
     atomic_write_json(out, rows)

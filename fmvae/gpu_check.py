@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import functools
 import platform
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -309,6 +310,118 @@ def celeba_check(args, device, out: Path, t_start: float) -> dict:
     return metrics
 
 
+FIGURE3_PRESETS = {"binarized_mnist": PRESET, "omniglot": PRESET.parent / "omniglot_paper.yaml"}
+
+
+def _timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def figure3_check(args, device, out: Path, t_start: float) -> dict:
+    """Figure 3 from one call: per data set and seed, one pre-training (the paper's schedule, scaled
+    to the budget), each K's prior initialisation, then every K of that data set and seed jointly
+    trained as one pack (fmvae.pack), each member evaluated alone; results.csv and the figures are
+    rewritten as each pack finishes. The scale is measured: short timed runs of the pre-training
+    step and of the packed joint step (throwaway models) give the rates the schedule is fitted to."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only
+    from . import report
+    from .pack import train_pack
+
+    folders = {"binarized_mnist": args.data, "omniglot": args.omniglot}
+    datasets = [d for d in ("binarized_mnist", "omniglot") if folders[d]]
+    mode = "graph" if device.type == "cuda" else "eager"
+    flags = bench.MODES[mode]
+    rows, runs = [], [(d, s) for d in datasets for s in args.seeds]
+    for n, (dataset, seed) in enumerate(runs):
+        params = config.validate(yaml.safe_load(FIGURE3_PRESETS[dataset].read_text()) | {"seed": seed})
+        ds = data_mod.load(dataset, Path(folders[dataset]), seed, "characters", False)
+        if args.tiny:
+            ds.x_train, ds.x_test = ds.x_train[:512], ds.x_test[:256]
+            params["prior_init"]["init_points"] = 512
+        data = TrainData(ds.x_train.to(device), ds.to_float)
+        cfgs = {p: dataclasses.replace(config.train_config(params, p), progress=False, checkpoint_every_s=1e9, **flags)
+                for p in ("pretrain", "prior_init", "joint")}
+
+        def members():
+            out_ = []
+            for k in args.figure3_K:
+                torch.manual_seed(seed)
+                out_.append(config.build_model(params | {"model": params["model"] | {"K": k}}, ds).to(device))
+            return out_
+
+        # the rates: 30 timed pre-training steps and 10 packed joint steps, after a warm-up (capture)
+        probe = members()[0]
+        short = lambda cfg, i: dataclasses.replace(cfg, iters=i, log_every=i, kl_anneal_iters=1, snapshots=0)
+        pretrain(probe, data, short(cfgs["pretrain"], 10))
+        pre_rate = 30 / _timed(lambda: pretrain(probe, data, short(cfgs["pretrain"], 30)), device)
+        pack_models = members()
+        for m in pack_models:
+            with torch.no_grad():
+                mu, logvar = m.encode(data.to_float(data.x[:2048]))
+            m.prior.init_from_encodings(mu, logvar.exp(), len(data), torch.Generator().manual_seed(seed))
+        probe_dir = out / "probe"
+        pack = lambda i: train_pack("joint", pack_models, data, [short(cfgs["joint"], i)] * len(pack_models),
+                                    [probe_dir / f"{k}" for k in args.figure3_K], [str(i)] * len(pack_models))
+        pack(5)
+        pack_rate = 10 / _timed(lambda: pack(10), device)
+        left = args.total_s - (time.perf_counter() - t_start) - 60.0 * (len(runs) - n)  # evaluation, figures
+        share = max(10.0, left / (len(runs) - n))
+        full = {p: params[p]["iters"] for p in ("pretrain", "prior_init", "joint")}
+        # prior initialisation runs on stored encodings, per member: about 5x a network step
+        predicted = full["pretrain"] / pre_rate + full["joint"] / pack_rate + \
+            len(pack_models) * full["prior_init"] / (5 * pre_rate)
+        scale = min(1.0, share / predicted)
+        iters = {p: max(10, int(v * scale)) for p, v in full.items()}
+        if args.tiny:
+            iters, scale = {"pretrain": 20, "prior_init": 10, "joint": 20}, 20 / full["pretrain"]
+        shutil.rmtree(probe_dir, ignore_errors=True)
+        log(f"figure3 {dataset} seed {seed}: pre-training {pre_rate:.3g} it/s, pack of {len(pack_models)} "
+            f"{pack_rate:.3g} it/s ({pack_rate * len(pack_models):.3g} trial-it/s); schedule x{scale:.3f}: {iters}")
+        sched = {p: dataclasses.replace(cfgs[p], iters=iters[p], log_every=max(1, iters[p] // 20)) for p in iters}
+        sched["pretrain"] = dataclasses.replace(sched["pretrain"], kl_anneal_iters=max(
+            1, int(cfgs["pretrain"].kl_anneal_iters * scale)))
+        sched["joint"] = dataclasses.replace(sched["joint"], snapshots=0)
+        base = members()[0]
+        t = _timed(lambda: pretrain(base, data, sched["pretrain"]), device)
+        models = members()
+        for m in models:
+            m.load_state_dict(base.state_dict() | {k: v for k, v in m.state_dict().items() if k.startswith("prior.")})
+        t_init = _timed(lambda: [init_prior(m, data, sched["prior_init"]) for m in models], device)
+        folder = out / f"{dataset}-s{seed}"
+        trained = {}
+        t_joint = _timed(lambda: trained.update(results=train_pack(
+            "joint", models, data, [sched["joint"]] * len(models), [folder / f"K{k}" for k in args.figure3_K],
+            ["figure3"] * len(models))), device)
+        results = trained["results"]
+        x_test = ds.x_test.to(device)
+        for k, m, res in zip(args.figure3_K, models, results):
+            row = {"dataset": dataset, "K": k, "I": 1, "seed": seed, "pretrain_iters": iters["pretrain"],
+                   "prior_init_iters": iters["prior_init"], "joint_iters": iters["joint"],
+                   "batch_size": sched["joint"].batch_size, "train_points": len(ds.x_train),
+                   "test_points": len(ds.x_test), "wall_s": t + t_init + t_joint, "fingerprint": "gpu_check"}
+            if isinstance(res, Exception):
+                rows.append(row | {"status": "failed", "error": str(res)})
+                continue
+            torch.manual_seed(seed)
+            bound = ev.evaluate_bound(m, x_test, ds.to_float)
+            rows.append(row | {t_: bound[t_] for t_ in ("elbo", "recon", "kl_z", "kl_r")} | {
+                "components_used": "/".join(map(str, ev.components_in_use(m))), "status": "done", "error": ""})
+        log(f"figure3 {dataset} seed {seed}: pre-training {t:.0f} s, prior init {t_init:.0f} s, "
+            f"pack {t_joint:.0f} s ({iters['joint'] * len(models) / t_joint:.0f} trial-it/s)")
+        import pandas as pd
+        df = pd.DataFrame(rows).reindex(columns=report.RESULT_COLUMNS)
+        atomic_write_text(out / "results.csv", df.to_csv(index=False))
+        report.figure3(df, out)
+    return {"rows": rows}
+
+
 def summary_text(env, phases, scale, metrics, mode, total_s, full) -> str:
     lines = ["# GPU check: binarised MNIST, mnist_paper preset (I = 1, K = 512, D = 64)", "",
              f"- Device: {env.get('gpu')} (torch {env['torch']}, CUDA {env.get('cuda', '-')})",
@@ -352,6 +465,11 @@ def main(argv=None) -> dict:
     p.add_argument("--bench-compile-bf16", action="store_true", help="also time the compiled step under bf16")
     p.add_argument("--iw-samples", type=int, default=1000)
     p.add_argument("--iw-points", type=int, default=1000)
+    p.add_argument("--figure3", action="store_true", help="instead of the check: Figure 3, every K of each data set "
+                   "and seed trained as one pack (--data for MNIST, --omniglot for Omniglot), scaled to --total-s")
+    p.add_argument("--omniglot", help="with --figure3: a folder with images_background.zip and images_evaluation.zip")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="with --figure3: the seeds")
+    p.add_argument("--figure3-K", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64, 128, 256, 512])
     p.add_argument("--tiny", action="store_true", help="CPU, a few iterations on a subset: checks the code path")
     p.add_argument("--orders", nargs="+", choices=ORDERS, default=None,
                    help="instead of the check: compare these joint-step orders (test ELBO, it/s)")
@@ -379,6 +497,8 @@ def main(argv=None) -> dict:
     atomic_write_json(out / "environment.json", env)
     if args.celeba:
         return celeba_check(args, device, out, t_start)
+    if args.figure3:
+        return figure3_check(args, device, out, t_start)
 
     params = config.validate(yaml.safe_load(PRESET.read_text()))
     ds = data_mod.load("binarized_mnist", folder, params["seed"])

@@ -33,12 +33,17 @@ def show(rev: str, path: str) -> bytes:
 
 
 def full_rev(name: str) -> str:
-    refs = subprocess.run(["git", "for-each-ref", "--format=%(objectname) %(refname)", "refs/exps"], cwd=ROOT,
+    """The experiment's commit; of several of that name (one per baseline commit: rerun after a code
+    change), the newest, said."""
+    refs = subprocess.run(["git", "for-each-ref", "--sort=-committerdate",
+                           "--format=%(objectname) %(committerdate:iso) %(refname)", "refs/exps"], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout.split("\n")
-    found = [line.split()[0] for line in refs if line.endswith(f"/{name}")]
-    if len(found) != 1:
-        raise SystemExit(f"error: experiment {name!r}: {len(found)} refs named so (run `dvc exp list`)")
-    return found[0]
+    found = [line.split() for line in refs if line.endswith(f"/{name}")]
+    if not found:
+        raise SystemExit(f"error: experiment {name!r}: no ref named so (run `dvc exp list --all-commits`)")
+    if len(found) > 1:
+        print(f"{name}: {len(found)} experiments of that name; using the newest ({' '.join(found[0][1:3])})")
+    return found[0][0]
 
 
 def run_row(name: str) -> dict:

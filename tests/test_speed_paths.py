@@ -75,3 +75,13 @@ def test_the_three_orders_train_equally_well():
     for order, (elbo, acc) in results.items():
         assert min(acc) >= 0.95, (order, acc)
     assert max(r[0] for r in results.values()) - min(r[0] for r in results.values()) < 1.0, results
+
+
+def test_the_pack_benchmark_runs_and_writes_its_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--tiny", "--pack", "1", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["pack"], r["alone"]) for r in rows] == [(1, True), (1, False), (2, False)]
+    for r in rows:
+        assert r["trial_it_s"] > 0 and abs(r["trial_it_s"] * r["step_s"] - r["pack"]) < 1e-9
+    assert rows[0]["vs_alone"] == 1.0

@@ -3,11 +3,12 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import stats
 
-from fmvae import gpu_check
+from fmvae import gpu_check, report
 from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.model import FMVAE
 from fmvae.prior import FactorialMixturePrior
@@ -174,6 +175,22 @@ def test_gpu_check_tiny_runs_the_whole_check_on_cpu(mirror, tmp_path):
     assert "scaled down" in summary and "Test ELBO" in summary and "-85.77" in summary
     rows = json.loads((out / "bench.json").read_text())
     assert {r["mode"] for r in rows} == {"eager"} and all(r["joint_it_s"] > 0 for r in rows)
+
+
+def test_gpu_check_figure3_trains_each_data_set_s_k_grid_as_one_pack_on_cpu(mirror, tmp_path):
+    """--figure3 --tiny: MNIST, K = 2 and 4 packed, 20 + 10 + 20 iterations; each member evaluated
+    alone into results.csv (the sweep's columns) and the Figure 3 files."""
+    out = tmp_path / "fig3"
+    gpu_check.main(["--figure3", "--tiny", "--data", str(mirror / "binarized_mnist"), "--figure3-K", "2", "4",
+                    "--out", str(out)])
+    rows = pd.read_csv(out / "results.csv")
+    assert list(rows.columns) == report.RESULT_COLUMNS
+    assert list(rows["K"]) == [2, 4] and (rows["status"] == "done").all() and (rows["joint_iters"] == 20).all()
+    assert ((rows["elbo"] - (rows["recon"] - rows["kl_z"] - rows["kl_r"])).abs() < 1e-3).all()
+    assert list(rows["components_used"].astype(str)) == ["2", "4"]  # each member: every component used
+    for name in ("figure3.png", "figure3_binarized_mnist.png", "figure3_binarized_mnist.md"):
+        assert (out / name).stat().st_size > 0
+    assert not (out / "probe").exists()
 
 
 def test_gpu_check_refuses_a_missing_data_folder(tmp_path):
