@@ -38,10 +38,12 @@ from pathlib import Path
 import pandas as pd
 
 from . import config
-from .checkpoint import CorruptCheckpoint, load_checked
+from .checkpoint import CorruptCheckpoint, load_checked, provenance
 from .config import code_digest
 from .data import sha256_file
-from .pipeline import evaluate_stage, load_data, load_model, prepare_data, train_stage
+from .pack import train_pack
+from .pipeline import (evaluate_stage, finish_phase, load_data, load_model, prepare_data, prepare_phase,
+                       train_stage)
 from .report import RESULT_COLUMNS, TRIAL_REPORT
 
 # the params a trial reads (config.validate fills every key, so each of these is always present)
@@ -68,7 +70,10 @@ SWEEP_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 
 def trial_fingerprint(params: dict) -> str:
-    return config.fingerprint(_select(params, TRIAL_SECTIONS), code_digest(), SWEEP_SOURCE)
+    parts = [_select(params, TRIAL_SECTIONS), code_digest(), SWEEP_SOURCE]
+    if params["sweep"]["pack"] > 1:  # a packed member's numbers round differently from a trial alone's
+        parts.append({"sweep.pack": params["sweep"]["pack"]})
+    return config.fingerprint(*parts)
 
 
 def pretrain_fingerprint(params: dict) -> str:
@@ -305,6 +310,16 @@ def run_trial(config_: dict) -> dict:
         train_stage("joint", params, data, workdir / "prior_init.pt", workdir / "joint.pt",
                     workdir / "ckpt-joint", on_log=_checkpointing(workdir, "joint"))
         shutil.rmtree(workdir / "ckpt-joint")
+    final = _final_metrics(params, data, workdir, start, fp)
+    tune.report(final, checkpoint=tune.Checkpoint.from_directory(workdir))
+    storage.write_json(f"finished/{name}.json", {"fingerprint": fp, "metrics": final,
+                                                 "attempts": json.loads((workdir / "attempts.json").read_text()),
+                                                 "checkpoint": tune.get_checkpoint().path})
+    return final
+
+
+def _final_metrics(params: dict, data: Path, workdir: Path, start: float, fp: str) -> dict:
+    """Evaluate a trained trial (joint.pt in workdir) and write its final.json: the record a sweep reuses."""
     metrics = evaluate_stage(params, data, workdir / "joint.pt", workdir / "metrics.json")
     attempts = json.loads((workdir / "attempts.json").read_text())
     history = load_checked(workdir / "joint.pt")["history"]  # the joint phase's curve, saved with its model
@@ -318,10 +333,75 @@ def run_trial(config_: dict) -> dict:
                  resumed_from="/".join(str(a["restored"].get("joint", 0)) for a in attempts))
     (workdir / "final.json").write_text(json.dumps({"fingerprint": fp, "metrics": final, "attempts": attempts},
                                                    indent=2))
-    tune.report(final, checkpoint=tune.Checkpoint.from_directory(workdir))
-    storage.write_json(f"finished/{name}.json", {"fingerprint": fp, "metrics": final, "attempts": attempts,
-                                                 "checkpoint": tune.get_checkpoint().path})
     return final
+
+
+def run_pack(config_: dict) -> dict:
+    """A Tune trial training several K trials of one data set and I as one pack (fmvae.pack): each
+    member's prior initialisation alone, their joint phase packed (each with its own checkpoints in
+    its own folder inside this trial's, resumed from Tune's checkpoint of the whole folder), each
+    evaluated alone and recorded in finished/ as a trial alone is. Members whose record is there with
+    their fingerprint are reused without training; a member whose terms turn non-finite fails alone
+    (recorded in failed/), the others go on."""
+    import torch
+    from ray import tune
+
+    start = time.time()
+    storage = Storage(config_["storage"])
+    members = [trial_params(config_["params"], t["dataset"], t["K"], t["I"], t["seed"]) for t in config_["pack"]]
+    torch.set_num_threads(_threads(members[0]))
+    todo = []
+    for params in members:
+        fp, name = trial_fingerprint(params), trial_name(params)
+        record = storage.read_json(f"finished/{name}.json")
+        if record is not None and record.get("fingerprint") == fp:
+            print(f"sweep: reusing finished trial {name}")
+        else:
+            todo.append(params)
+    pack_dir = _trial_folder("pack-" + config.fingerprint(sorted(trial_name(p) for p in members)))
+    _begin_attempt(pack_dir)
+    runs, datas, dirs = [], [], []
+    for params in todo:
+        pretrained = pretrain_key(params)
+        if not storage.published(pretrained):
+            raise RuntimeError(f"its pre-training {pretrained} is not in the storage (did the pre-training trial fail?)")
+        workdir = pack_dir / trial_name(params)
+        workdir.mkdir(exist_ok=True)
+        shutil.copy(pack_dir / "attempts.json", workdir / "attempts.json")  # the pack's attempts are its members'
+        data, model_in = storage.fetch(data_key(params, params["data"]["name"])), storage.fetch(pretrained)
+        if not (workdir / "prior_init.pt").exists():
+            train_stage("prior_init", params, data, model_in, workdir / "prior_init.pt", workdir / "ckpt-prior_init")
+            shutil.rmtree(workdir / "ckpt-prior_init")
+        if not (workdir / "joint.pt").exists():
+            runs.append(prepare_phase("joint", params, data, workdir / "prior_init.pt", workdir / "ckpt-joint"))
+            datas.append(data)
+            dirs.append(workdir)
+    if runs:
+        results = train_pack("joint", [r.model for r in runs], [r.data for r in runs], [r.cfg for r in runs],
+                             [r.ckpt.folder for r in runs], [r.fingerprint for r in runs],
+                             on_logs=[_checkpointing(pack_dir, "joint")] + [None] * (len(runs) - 1),
+                             metas=[provenance(r.params) for r in runs])
+        for run, result, workdir in zip(runs, results, dirs):
+            name = trial_name(run.params)
+            if isinstance(result, Exception):
+                storage.write_json(f"failed/{name}.json", {"fingerprint": run.fingerprint, "error": str(result)})
+                continue
+            finish_phase(run, result, workdir / "joint.pt")
+            shutil.rmtree(workdir / "ckpt-joint")
+    finals = {}
+    for params in todo:
+        workdir, fp, name = pack_dir / trial_name(params), trial_fingerprint(params), trial_name(params)
+        if (workdir / "joint.pt").exists():
+            finals[name] = _final_metrics(params, storage.fetch(data_key(params, params["data"]["name"])), workdir,
+                                          start, fp)
+    tune.report({"phase": "done", "members": len(members), "trained": len(finals)},
+                checkpoint=tune.Checkpoint.from_directory(pack_dir))
+    for name, final in finals.items():
+        storage.write_json(f"finished/{name}.json", {
+            "fingerprint": final["fingerprint"], "metrics": final,
+            "attempts": json.loads((pack_dir / name / "attempts.json").read_text()),
+            "checkpoint": f"{tune.get_checkpoint().path}/{name}"})
+    return {"phase": "done"}
 
 
 def _last_line(error: BaseException) -> str:
@@ -338,6 +418,16 @@ def trial_grid(params: dict) -> list[dict]:
             for k in s["K"] for seed in s["seeds"] for d in s["data"] for i in s["I"]]
 
 
+def pack_grid(params: dict) -> list[list[dict]]:
+    """The trials in packs of at most sweep.pack, each of one data set and I (one network shape),
+    in trial_grid's order within each."""
+    groups: dict = {}
+    for t in trial_grid(params):
+        groups.setdefault((t["dataset"], t["I"]), []).append(t)
+    size = params["sweep"]["pack"]
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
 def pretrain_grid(params: dict) -> list[dict]:
     """One pre-training per distinct pre-training fingerprint, with the params of its first trial."""
     out = {}
@@ -351,7 +441,9 @@ def experiment_name(params: dict) -> str:
     """Named after every trial's fingerprint (and the failure policy Tune stores with the experiment)."""
     fps = sorted(trial_fingerprint(trial_params(params, t["dataset"], t["K"], t["I"], t["seed"]))
                  for t in trial_grid(params))
-    return f"fmvae-{'+'.join(params['sweep']['data'])}-{config.fingerprint(fps, params['sweep']['max_failures'])}"
+    pack = params["sweep"]["pack"]  # packs are other Tune trials (run_pack, one per pack)
+    return (f"fmvae-{'+'.join(params['sweep']['data'])}{f'-pack{pack}' if pack > 1 else ''}-"
+            f"{config.fingerprint(fps, params['sweep']['max_failures'])}")
 
 
 def pretrain_experiment_name(params: dict) -> str:
@@ -426,6 +518,11 @@ def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_
                       {"params": tune.grid_search(pretrain_grid(params)), "storage": storage.uri},
                       pretrain_experiment_name(params), storage, s, retry_failed)
     failed_pretrain = {pretrain_key(_config(r)["params"]): _last_line(r.error) for r in pretrained if r.error is not None}
+    if s["pack"] > 1:
+        df = _packed_rows(params, storage, failed_pretrain, retry_failed, resources)
+        print(f"sweep: {int((df['status'] == 'done').sum())} trials done, {int((df['status'] == 'failed').sum())} "
+              f"failed, wall time {time.time() - start:.0f} s")
+        return df
     grid = _fit(tune.with_resources(run_trial, resources),
                 {"trial": tune.grid_search(trial_grid(params)), "params": params, "storage": storage.uri},
                 experiment_name(params), storage, s, retry_failed)
@@ -447,6 +544,33 @@ def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_
     n_fail = int((df["status"] == "failed").sum())
     print(f"sweep: {len(df) - n_fail} trials done, {n_fail} failed, wall time {time.time() - start:.0f} s")
     return df
+
+
+def _packed_rows(params: dict, storage: Storage, failed_pretrain: dict, retry_failed: bool, resources: dict):
+    """Run the packs (one Tune trial each, resources per pack) and read one row per member from the
+    storage's records: finished/ (with the member's fingerprint), else failed/ or its pack's error."""
+    from ray import tune
+    grid = _fit(tune.with_resources(run_pack, resources),
+                {"pack": tune.grid_search(pack_grid(params)), "params": params, "storage": storage.uri},
+                experiment_name(params), storage, params["sweep"], retry_failed)
+    pack_error = {}
+    for r in grid:
+        for t in _config(r)["pack"]:
+            pack_error[(t["dataset"], t["K"], t["I"], t["seed"])] = "" if r.error is None else _last_line(r.error)
+    rows = []
+    for t in trial_grid(params):
+        p = trial_params(params, t["dataset"], t["K"], t["I"], t["seed"])
+        fp, name = trial_fingerprint(p), trial_name(p)
+        record = storage.read_json(f"finished/{name}.json")
+        ok = record is not None and record.get("fingerprint") == fp
+        failed = storage.read_json(f"failed/{name}.json")
+        error = "" if ok else (failed or {}).get("error") or pack_error.get(tuple(t.values()), "") or "not finished"
+        if pretrain_key(p) in failed_pretrain:
+            error = f"pre-training failed: {failed_pretrain[pretrain_key(p)]}"
+        m = record["metrics"] if ok else {}
+        rows.append({**t, **{k: m.get(k) for k in TRIAL_REPORT}, "fingerprint": fp,
+                     "status": "done" if ok else "failed", "error": error})
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["dataset", "I", "K", "seed"]).reset_index(drop=True)
 
 
 def pretraining_report(params: dict, storage_uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
