@@ -208,9 +208,11 @@ def test_the_storage_publishes_atomically_and_the_node_cache_never_serves_stale_
 
 
 def test_packed_trials_give_the_numbers_of_trials_alone_and_are_reused(swept, tmp_path):
-    """sweep.pack 3: the three K trials train as one pack (one Tune trial); each member's row equals
-    the unpacked sweep's (K = 4 fails there by injection: here it trains), its record is its own and
-    its fingerprint says it was packed; rerun unchanged, nothing trains."""
+    """sweep.pack 3: the three K trials train as one pack (one Tune trial); each member's row is the
+    unpacked sweep's within the issue's 0.05 nats (measured: K = 2 equal, K = 3 0.0015 apart: its
+    local step's float32 matrix product over 4 padded components rounds differently from one over 3;
+    K = 4 fails there by injection, here it trains), its record is its own and its fingerprint says
+    it was packed; rerun unchanged, nothing trains."""
     alone = pd.read_csv(swept[0] / "reports/sweep/results.csv").set_index("K")
     root = copy_project(tmp_path, tiny_params(model={"I": 1, "K": 3, "D": 4}, plot={"factors": [0, 0]},
                                               sweep=SWEEP | {"pack": 3}))
@@ -219,7 +221,7 @@ def test_packed_trials_give_the_numbers_of_trials_alone_and_are_reused(swept, tm
     assert list(packed.index) == [2, 3, 4] and (packed["status"] == "done").all(), packed
     for k in (2, 3):
         for term in ("elbo", "recon", "kl_z", "kl_r"):
-            assert packed.loc[k, term] == pytest.approx(alone.loc[k, term], abs=1e-4), (k, term)
+            assert packed.loc[k, term] == pytest.approx(alone.loc[k, term], abs=0.05), (k, term)
         assert packed.loc[k, "fingerprint"] != alone.loc[k, "fingerprint"]
     assert "3 trials done, 0 failed" in log.stdout
     assert len(list((root / "checkpoints/sweep/finished").glob("*.json"))) == 3
