@@ -83,6 +83,32 @@ def test_the_shared_pre_training_is_reported_with_its_curve_and_its_model_s_test
     assert row.test_elbo == pytest.approx(row.test_recon - row.test_kl)
 
 
+def test_packed_trials_give_the_numbers_of_trials_alone_and_are_reused(swept, tmp_path):
+    """sweep.pack 3: the three K trials train as one pack (one Tune trial); each member's row is the
+    unpacked sweep's within the issue's 0.05 nats (measured: K = 2 equal, K = 3 0.0015 apart: its
+    local step's float32 matrix product over 4 padded components rounds differently from one over 3;
+    K = 4 fails there by injection, here it trains), its record is its own and its fingerprint says
+    it was packed; rerun unchanged, nothing trains."""
+    alone = pd.read_csv(swept[0] / "reports/sweep/results.csv").set_index("K")
+    root = copy_project(tmp_path, tiny_params(model={"I": 1, "K": 3, "D": 4}, plot={"factors": [0, 0]},
+                                              sweep=SWEEP | {"pack": 3}))
+    log = run(["python", "stages/sweep.py"], root, timeout=600)
+    packed = pd.read_csv(root / "reports/sweep/results.csv").set_index("K")
+    assert list(packed.index) == [2, 3, 4] and (packed["status"] == "done").all(), packed
+    for k in (2, 3):
+        for term in ("elbo", "recon", "kl_z", "kl_r"):
+            assert packed.loc[k, term] == pytest.approx(alone.loc[k, term], abs=0.05), (k, term)
+        assert packed.loc[k, "fingerprint"] != alone.loc[k, "fingerprint"]
+    assert "3 trials done, 0 failed" in log.stdout
+    assert len(list((root / "checkpoints/sweep/finished").glob("*.json"))) == 3
+    assert len(list((root / "checkpoints/sweep/ray").glob("fmvae-synthetic-pack3-*"))) == 1
+    files = _files(root)
+    again = run(["python", "stages/sweep.py"], root, timeout=600)
+    assert "finished trials are not rerun" in again.stdout
+    assert _files(root) == files
+    pd.testing.assert_frame_equal(pd.read_csv(root / "reports/sweep/results.csv").set_index("K"), packed)
+
+
 def _files(root):
     """Everything a trial writes: published data and pre-trainings, records, Tune checkpoints (not
     Tune's own experiment state, which Tuner.restore rewrites)."""
@@ -206,28 +232,3 @@ def test_the_storage_publishes_atomically_and_the_node_cache_never_serves_stale_
     assert not storage.cache_path("pretrain/a.pt").exists()
     assert not [p for p in storage.cache_path("pretrain/a.pt").parent.iterdir() if ".tmp-" in p.name]
 
-
-def test_packed_trials_give_the_numbers_of_trials_alone_and_are_reused(swept, tmp_path):
-    """sweep.pack 3: the three K trials train as one pack (one Tune trial); each member's row is the
-    unpacked sweep's within the issue's 0.05 nats (measured: K = 2 equal, K = 3 0.0015 apart: its
-    local step's float32 matrix product over 4 padded components rounds differently from one over 3;
-    K = 4 fails there by injection, here it trains), its record is its own and its fingerprint says
-    it was packed; rerun unchanged, nothing trains."""
-    alone = pd.read_csv(swept[0] / "reports/sweep/results.csv").set_index("K")
-    root = copy_project(tmp_path, tiny_params(model={"I": 1, "K": 3, "D": 4}, plot={"factors": [0, 0]},
-                                              sweep=SWEEP | {"pack": 3}))
-    log = run(["python", "stages/sweep.py"], root, timeout=600)
-    packed = pd.read_csv(root / "reports/sweep/results.csv").set_index("K")
-    assert list(packed.index) == [2, 3, 4] and (packed["status"] == "done").all(), packed
-    for k in (2, 3):
-        for term in ("elbo", "recon", "kl_z", "kl_r"):
-            assert packed.loc[k, term] == pytest.approx(alone.loc[k, term], abs=0.05), (k, term)
-        assert packed.loc[k, "fingerprint"] != alone.loc[k, "fingerprint"]
-    assert "3 trials done, 0 failed" in log.stdout
-    assert len(list((root / "checkpoints/sweep/finished").glob("*.json"))) == 3
-    assert len(list((root / "checkpoints/sweep/ray").glob("fmvae-synthetic-pack3-*"))) == 1
-    files = _files(root)
-    again = run(["python", "stages/sweep.py"], root, timeout=600)
-    assert "finished trials are not rerun" in again.stdout
-    assert _files(root) == files
-    pd.testing.assert_frame_equal(pd.read_csv(root / "reports/sweep/results.csv").set_index("K"), packed)
