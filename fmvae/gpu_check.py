@@ -366,7 +366,7 @@ def figure3_check(args, device, out: Path, t_start: float) -> dict:
             with torch.no_grad():
                 mu, logvar = m.encode(data.to_float(data.x[:2048]))
             m.prior.init_from_encodings(mu, logvar.exp(), len(data), torch.Generator().manual_seed(seed))
-        probe_dir = out / "probe"
+        probe_dir = out / "probe"  # one fingerprint per probe length: the timed run must not resume the warm-up's
         pack = lambda i: train_pack("joint", pack_models, data, [short(cfgs["joint"], i)] * len(pack_models),
                                     [probe_dir / f"{k}" for k in args.figure3_K], [str(i)] * len(pack_models))
         pack(5)

@@ -48,7 +48,7 @@ class PackedPrior:
     """The members' priors as one: each method runs the member's own prior under vmap."""
 
     def __init__(self, pack: "PackedModel"):
-        self.pack = pack
+        self.pack, self._key, self._stats = pack, None, None
 
     has_gradient_factors = False
 
@@ -57,7 +57,15 @@ class PackedPrior:
         return self.pack.buffers["model.prior.svi_steps"]
 
     def stats(self, dtype=torch.float32) -> PriorStats:
-        return PriorStats(*self.pack.call("prior.stats", dtype=dtype, cache=False))
+        """Every member's statistics, cached until q(xi) changes in place (the SVI step's writes
+        through vmap bump the stacked buffers' version counters), as FactorialMixturePrior.stats
+        caches its own: the joint step's validity check and the next step's local step share them."""
+        lam, c = self.pack.buffers["model.prior.lam"], self.pack.buffers["model.prior.c"]
+        key = (lam._version, c._version, dtype)
+        if self._key != key:
+            self._stats = PriorStats(*self.pack.call("prior.stats", dtype=dtype, cache=False))
+            self._key = key
+        return self._stats
 
     def is_valid(self) -> Tensor:
         return self.stats().valid
@@ -66,7 +74,8 @@ class PackedPrior:
         self.pack.call("prior.svi_step", mu, var, gamma, n_total, rho)
 
     def invalidate_stats(self) -> None:
-        pass
+        """Forget the cached statistics (a CUDA graph writes q(xi) behind the version counters)."""
+        self._key = None
 
     def global_kl(self) -> Tensor:
         return self.pack.call("prior.global_kl")
@@ -189,15 +198,13 @@ class PackedModel:
 
     def stacked_state(self, states: Sequence[dict]) -> dict:
         """The pack state_dict from its members' FMVAE state_dicts (the inverse of member_state)."""
+        priors = [self._padded({k[6:]: v for k, v in s.items() if k.startswith("prior.")}, m)
+                  for s, m in zip(states, self.models)]
         out = {}
         for name in self.params | self.buffers:
             short = name[len("model."):]
-            if short.startswith("prior."):
-                padded = [self._padded({k[6:]: v for k, v in s.items() if k.startswith("prior.")}, m)
-                          for s, m in zip(states, self.models)]
-                out[name] = torch.stack([p[short[6:]] for p in padded])
-            else:
-                out[name] = torch.stack([s[short] for s in states])
+            parts = [p[short[6:]] for p in priors] if short.startswith("prior.") else [s[short] for s in states]
+            out[name] = torch.stack(parts)
         return out
 
     @torch.no_grad()

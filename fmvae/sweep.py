@@ -2,7 +2,7 @@
 
 The storage is a local folder (default checkpoints/sweep) or any URI Ray Tune and pyarrow accept
 (s3://bucket/path, gs://..., file:///...). Everything a trial needs or leaves is there:
-    data/<dataset>-<fp>.pt                          the prepared data set, published once by the driver
+    data/<dataset>-s<seed>-<fp>.pt                  each (data set, trial seed) prepared once by the driver
     pretrain/<dataset>-I<I>-D<D>-s<seed>-<fp>.pt    K-independent pre-training, published once by its own Tune trial
     finished/<dataset>-I<I>-K<K>-s<seed>-<fp>.json  a finished trial's record (what a later sweep reuses)
     ray/fmvae-pretrain-<fp>/, ray/fmvae-<dataset>[+<dataset>...]-<fp>/
@@ -360,7 +360,7 @@ def run_pack(config_: dict) -> dict:
             todo.append(params)
     pack_dir = _trial_folder("pack-" + config.fingerprint(sorted(trial_name(p) for p in members)))
     _begin_attempt(pack_dir)
-    runs, datas, dirs = [], [], []
+    runs, dirs = [], []
     for params in todo:
         pretrained = pretrain_key(params)
         if not storage.published(pretrained):
@@ -374,7 +374,6 @@ def run_pack(config_: dict) -> dict:
             shutil.rmtree(workdir / "ckpt-prior_init")
         if not (workdir / "joint.pt").exists():
             runs.append(prepare_phase("joint", params, data, workdir / "prior_init.pt", workdir / "ckpt-joint"))
-            datas.append(data)
             dirs.append(workdir)
     if runs:
         results = train_pack("joint", [r.model for r in runs], [r.data for r in runs], [r.cfg for r in runs],
@@ -546,6 +545,10 @@ def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_
     return df
 
 
+def _grid_point(trial: dict) -> tuple:
+    return trial["dataset"], trial["K"], trial["I"], trial["seed"]
+
+
 def _packed_rows(params: dict, storage: Storage, failed_pretrain: dict, retry_failed: bool, resources: dict):
     """Run the packs (one Tune trial each, resources per pack) and read one row per member from the
     storage's records: finished/ (with the member's fingerprint), else failed/ or its pack's error."""
@@ -556,7 +559,7 @@ def _packed_rows(params: dict, storage: Storage, failed_pretrain: dict, retry_fa
     pack_error = {}
     for r in grid:
         for t in _config(r)["pack"]:
-            pack_error[(t["dataset"], t["K"], t["I"], t["seed"])] = "" if r.error is None else _last_line(r.error)
+            pack_error[_grid_point(t)] = "" if r.error is None else _last_line(r.error)
     rows = []
     for t in trial_grid(params):
         p = trial_params(params, t["dataset"], t["K"], t["I"], t["seed"])
@@ -564,7 +567,7 @@ def _packed_rows(params: dict, storage: Storage, failed_pretrain: dict, retry_fa
         record = storage.read_json(f"finished/{name}.json")
         ok = record is not None and record.get("fingerprint") == fp
         failed = storage.read_json(f"failed/{name}.json")
-        error = "" if ok else (failed or {}).get("error") or pack_error.get(tuple(t.values()), "") or "not finished"
+        error = "" if ok else (failed or {}).get("error") or pack_error.get(_grid_point(t), "") or "not finished"
         if pretrain_key(p) in failed_pretrain:
             error = f"pre-training failed: {failed_pretrain[pretrain_key(p)]}"
         m = record["metrics"] if ok else {}
