@@ -7,6 +7,7 @@ from fmvae.checkpoint import CheckpointDir
 from fmvae.data import factorial_vectors
 from fmvae.evaluate import evaluate_bound
 from fmvae.model import FMVAE
+import fmvae.pack as pack_module
 from fmvae.pack import PackedModel, train_pack
 from fmvae.step import NumericalError, TrainData
 from fmvae.train import TrainConfig, joint_train, pretrain
@@ -165,3 +166,31 @@ def test_a_pack_refuses_members_it_cannot_train_together():
     with pytest.raises(ValueError, match="stop"):
         train_pack("joint", [a, b], DATA, [config(0, nan_policy="skip"), config(1, nan_policy="skip")], ["x", "y"],
                    ["fp"] * 2)
+
+
+def test_the_largest_pack_that_fits_is_the_affine_extrapolation_of_two_measured_steps():
+    """A pack's peak memory is base + members x per_member: the largest pack is the most members
+    whose need stays within the margin of the free memory, and one more would not."""
+    base, per_member = 3 * 2**30, 180 * 2**20
+    one, two = base + per_member, base + 2 * per_member
+    for free in (4 * 2**30, 40 * 2**30, 139 * 2**30):
+        n = pack_module.largest_pack(one, two, free)
+        assert base + n * per_member <= pack_module.MEMORY_MARGIN * free < base + (n + 1) * per_member
+    assert pack_module.largest_pack(one, two, 2**30) == 0  # not even one member
+
+
+def test_a_pack_too_large_for_the_device_is_refused_before_it_trains(tmp_path, monkeypatch):
+    """The measured bytes (a pack of one: 1 GiB, of two: 1.5 GiB, 4 GiB free; on a GPU the
+    measurement is real) allow (0.8 x 4 - 0.5) / 0.5 = 5 members: a pack of 6 is refused naming 5,
+    before any member's checkpoint is written; a pack of 5 trains."""
+    measured = []
+    monkeypatch.setattr(pack_module, "_measured",
+                        lambda phase, models, datas, cfg: measured.append(len(models)) or (2**30, 1.5 * 2**30, 4 * 2**30))
+    ks, seeds = [2, 3, 4, 5, 6, 7], list(range(6))
+    with pytest.raises(pack_module.PackTooLarge, match=r"pack of 6 .*the largest pack that fits is 5 \(set sweep.pack\)"):
+        train_pack("joint", member_models(ks, seeds), DATA, [config(s, iters=20) for s in seeds],
+                   [tmp_path / f"m{s}" for s in seeds], ["fp"] * 6)
+    assert measured == [6] and not any((tmp_path / f"m{s}").exists() for s in seeds)
+    curves = train_pack("joint", member_models(ks[:5], seeds[:5]), DATA, [config(s, iters=20) for s in seeds[:5]],
+                        [tmp_path / f"m{s}" for s in seeds[:5]], ["fp"] * 5)
+    assert len(curves) == 5 and all(isinstance(c, list) and c for c in curves)
