@@ -7,6 +7,8 @@
     python stages/seeds_table.py --run ... --variant default_ema0.99   # a run with other params, e.g.
     OMP_NUM_THREADS=1 dvc exp run --temp -n default_ema0.99 -S train.ema_decay=0.99
 
+A run left out of the arguments leaves the table with its folder under reports/default_runs/.
+
 A number from one run is a draw: this table puts each run's test bound, IWAE and the spread of the
 bound over the joint phase's last snapshots beside the host and thread count it came from, then
 the mean and the min-max over the seeds of one thread count. A variant (--variant) is a run that
@@ -17,6 +19,7 @@ together (tests/test_trust.py checks that they agree, and that every lock record
 """
 import argparse
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -97,4 +100,8 @@ if __name__ == "__main__":
     table = pd.concat([runs, pd.DataFrame(summary(runs, threads))], ignore_index=True)
     table[["seed", "torch_threads"]] = table[["seed", "torch_threads"]].astype("Int64")
     write_table(table, REPORTS / "default_runs")
+    for folder in (REPORTS / "default_runs").iterdir():  # a run no longer in the table leaves with its files
+        if folder.is_dir() and folder.name not in args.run + args.variant:
+            shutil.rmtree(folder)
+            print(f"removed {folder.relative_to(ROOT)}: not in the table")
     print(table.to_string(index=False))

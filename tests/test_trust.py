@@ -228,6 +228,8 @@ def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
             differs = {k for k in params.keys() | base.keys() if k != "seed" and params.get(k) != base.get(k)}
             named = {c.split("=")[0] for c in r.changed.split(", ")} if isinstance(r.changed, str) else set()
             assert differs == named, (r.run, differs, named)
+    copied = {f.name for f in (ROOT / "reports/default_runs").iterdir() if f.is_dir()}
+    assert copied == set(runs["run"]) - {r for r in runs["run"] if r.startswith("dvc repro")}  # none stale
     threads = runs.iloc[0]["torch_threads"]
     seeds = runs[(runs["torch_threads"] == threads) & runs["changed"].isna()].drop_duplicates("seed")
     assert len(seeds) >= 3
