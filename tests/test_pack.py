@@ -194,3 +194,14 @@ def test_a_pack_too_large_for_the_device_is_refused_before_it_trains(tmp_path, m
     curves = train_pack("joint", member_models(ks[:5], seeds[:5]), DATA, [config(s, iters=20) for s in seeds[:5]],
                         [tmp_path / f"m{s}" for s in seeds[:5]], ["fp"] * 5)
     assert len(curves) == 5 and all(isinstance(c, list) and c for c in curves)
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "joint"])
+def test_the_memory_probe_steps_a_copy_and_leaves_the_members_alone(phase):
+    """The probe the GPU check measures with (one eager step of a pack of two copies of the first
+    member) runs on a CPU too, returning 0 bytes there, and trains copies only: the member's state is
+    unchanged to the bit."""
+    model = member_models([16], [0])[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert pack_module._peak_step_bytes(phase, model, DATA, config(0), 2) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
