@@ -65,14 +65,16 @@ def _select(params: dict, keys) -> dict:
     return out
 
 
-# how a trial runs is this file's code too (trial_params, run_trial), on top of the pipeline's
+# how a trial runs is this file's code too (trial_params, run_trial), on top of the pipeline's;
+# a packed member's is also fmvae/pack.py's
 SWEEP_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+PACK_SOURCE = hashlib.sha256((Path(__file__).parent / "pack.py").read_bytes()).hexdigest()
 
 
 def trial_fingerprint(params: dict) -> str:
     parts = [_select(params, TRIAL_SECTIONS), code_digest(), SWEEP_SOURCE]
     if params["sweep"]["pack"] > 1:  # a packed member's numbers round differently from a trial alone's
-        parts.append({"sweep.pack": params["sweep"]["pack"]})
+        parts.append({"sweep.pack": params["sweep"]["pack"], "pack_source": PACK_SOURCE})
     return config.fingerprint(*parts)
 
 

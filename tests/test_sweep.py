@@ -182,6 +182,19 @@ def test_the_first_trials_need_different_pre_trainings():
     assert len({(t["dataset"], t["seed"]) for t in grid[:4]}) == 4
 
 
+def test_a_packed_trial_is_keyed_on_the_pack_s_code_and_size_and_a_trial_alone_is_not(monkeypatch):
+    """Packed members train through fmvae/pack.py: a change there retrains them (and a trial alone,
+    which never runs it, is kept); the pack size is in a packed member's key too."""
+    from fmvae import sweep
+    from fmvae.config import validate
+    fp = lambda pack: sweep.trial_fingerprint(sweep.trial_params(validate({"sweep": {"pack": pack}}), "synthetic",
+                                                                 2, 1, 0))
+    alone, packed, packed8 = fp(1), fp(4), fp(8)
+    assert len({alone, packed, packed8}) == 3
+    monkeypatch.setattr(sweep, "PACK_SOURCE", "another pack.py")
+    assert fp(1) == alone and fp(4) != packed
+
+
 def test_the_prepared_data_and_the_trials_are_keyed_on_the_data_params(tmp_path):
     """A sweep over Omniglot with the alphabet split neither reuses the data file prepared for the
     character split nor the trials trained on it; a trial's data are prepared with its own seed."""
