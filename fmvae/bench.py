@@ -166,6 +166,10 @@ def bench_packs(args, device) -> list[dict]:
     rows = []
     steps = {0: runner(0)} | {size: runner(size) for size in args.pack}
     times = _time_side_by_side(steps, args.iters, args.repeats, args.warmup, device)
+    if args.profile:
+        best = max(args.pack, key=lambda size: size / times[size])
+        args.profile_table = f"pack {best} (the most trial-iterations/s), {args.iters} steps:\n" + \
+            profile_steps(steps[best], args.iters, device)
     for size, fn in steps.items():
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -176,6 +180,19 @@ def bench_packs(args, device) -> list[dict]:
                      "trial_it_s": (size or 1) / times[size], "vs_alone": (size or 1) * times[0] / times[size],
                      "peak_memory_mb": _peak_memory_mb(device)})
     return rows
+
+
+def profile_steps(step, iters: int, device, rows: int = 15) -> str:
+    """Where a step's time goes: torch.profiler over `iters` steps, the top operators and kernels by
+    their own time on the device (CUDA) or the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(iters):
+            step(i)
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
 def format_packs(rows: list[dict]) -> str:
@@ -233,6 +250,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pack", type=int, nargs="+", default=None,
                    help="only the packed MNIST joint step: trial-iterations/s of packs of these sizes beside one "
                         "trial alone (fmvae.pack)")
+    p.add_argument("--profile", action="store_true",
+                   help="with --pack: torch.profiler's top operators at the pack size with the most "
+                        "trial-iterations/s, written beside --out as .profile.txt")
     p.add_argument("--tiny", action="store_true", help="a few iterations at batch 8: checks that it runs")
     p.add_argument("--out", default="reports/bench.json")
     return p
@@ -270,6 +290,8 @@ def main(argv=None) -> list[dict]:
             args.iters, args.repeats, args.warmup = 2, 1, 4
         rows = bench_packs(args, resolve_device(args.device))
         print(format_packs(rows))
+        if args.profile:
+            print(args.profile_table)
     else:
         rows = run(args)
         print(format_table(rows))
@@ -277,6 +299,10 @@ def main(argv=None) -> list[dict]:
     from .checkpoint import atomic_write_json
     atomic_write_json(out, rows)
     print(f"wrote {out}")
+    if args.pack and args.profile:
+        from .checkpoint import atomic_write_text
+        atomic_write_text(out.with_suffix(".profile.txt"), args.profile_table + "\n")
+        print(f"wrote {out.with_suffix('.profile.txt')}")
     return rows
 
 

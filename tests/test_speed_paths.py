@@ -79,9 +79,12 @@ def test_the_three_orders_train_equally_well():
 
 def test_the_pack_benchmark_runs_and_writes_its_rows(tmp_path):
     out = tmp_path / "bench.json"
-    bench.main(["--tiny", "--pack", "1", "2", "--out", str(out)])
+    bench.main(["--tiny", "--pack", "1", "2", "--profile", "--out", str(out)])
     rows = json.loads(out.read_text())
     assert [(r["pack"], r["alone"]) for r in rows] == [(1, True), (1, False), (2, False)]
     for r in rows:
         assert r["trial_it_s"] > 0 and abs(r["trial_it_s"] * r["step_s"] - r["pack"]) < 1e-9
     assert rows[0]["vs_alone"] == 1.0
+    best = max(rows[1:], key=lambda r: r["trial_it_s"])["pack"]  # profiled: the best pack's step
+    profile = (tmp_path / "bench.profile.txt").read_text()
+    assert profile.startswith(f"pack {best} ") and "Self CPU" in profile and "aten::" in profile
