@@ -6,6 +6,7 @@
     OMP_NUM_THREADS=2 dvc exp run --temp -n default_seed0_threads2 -f
     python stages/seeds_table.py --run ... --variant default_ema0.99   # a run with other params, e.g.
     OMP_NUM_THREADS=1 dvc exp run --temp -n default_ema0.99 -S train.ema_decay=0.99
+    OMP_NUM_THREADS=1 dvc exp run --temp -n default_ema0 -S train.ema_decay=0      # no averaging
 
 A run left out of the arguments leaves the table with its folder under reports/default_runs/.
 
