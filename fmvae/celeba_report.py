@@ -8,6 +8,9 @@ reader needs beside it to trust it.
                           the columns, everything else held along each row
     figure5               Figure 5: mean, standard deviation and one sample of p(x|z) for a few z
     attributes_of_test_images  the 40 attributes of the prepared test images, from the attribute file
+    factor_swap           the judge on reconstructions of the test images and on the same
+                          encodings with one labelled factor moved to its other component: does
+                          the decoder read that factor at all
     factor_attribute_nmi  normalised mutual information of each factor's argmax q(r_i|x) with each
                           attribute (and nmi_heatmap to draw it)
 
@@ -27,6 +30,7 @@ from torchvision.utils import make_grid
 from .data import DataError
 from .data.celeba import ATTRIBUTES, PARTITION, _Source, read_celeba_attributes
 from .plots import _save, _to_unit, component_label, components
+from .report import _predict
 
 # Figure 6's column titles: a property's value 1 and 0, as the paper abbreviates them.
 ABBREVIATIONS = {"Male": ("m", "f"), "Eyeglasses": ("g", "ng"), "Smiling": ("s", "ns")}
@@ -63,6 +67,45 @@ def normalized_mutual_information(a, b) -> float:
     nz = joint > 0
     mi = float((joint[nz] * np.log(joint[nz] / np.outer(pa, pb)[nz])).sum())
     return max(0.0, mi / ((ha + hb) / 2))
+
+
+@torch.no_grad()
+def factor_swap(model, judge, ds, batch: int = 500) -> list[dict]:
+    """What the decoder does with each labelled factor, measured on real faces. For every test image,
+    z = its encoder mean; the judge reads the decoder mean of z (the reconstruction) and of z with
+    factor p moved from the component of the image's own value y to the other one,
+    z_p + m_{p,1-y} - m_{p,y}, all else kept. Per binary property: `judge_on_reconstructions`
+    (agreement with y), `judge_sees_factor_swap` (the share judged 1 - y after the move) and
+    `swap_per_value` (that share among the images moved to each value). A factor the decoder reads
+    flips the judge; one it ignores leaves the reconstruction's answer, and then no clamped sample
+    shows the property either: Table 1's agreement for it is near chance whatever q(r|x) scores.
+    Each component of a labelled factor is its value (the clamping in training)."""
+    dev = model.prior.lam.device
+    means = model.prior.mean_params()[0].float().to(dev)  # (I, K, D)
+    x, y = ds.x_test, ds.y_test.to(dev)
+    recon, swapped = [], []
+    for s in range(0, len(x), batch):
+        mu = model.encode(ds.to_float(x[s:s + batch].to(dev)))[0]  # (B, I, D)
+        labels = y[s:s + batch]
+        recon.append(_judge(judge, model, mu, ds))
+        for p in range(len(ds.property_K)):
+            moved = mu.clone()
+            moved[:, p] += means[p, 1 - labels[:, p]] - means[p, labels[:, p]]
+            swapped.append((p, _judge(judge, model, moved, ds)[:, p]))
+    recon = torch.cat(recon)
+    rows = []
+    for p, name in enumerate(ds.property_names):
+        flipped = torch.cat([v for q, v in swapped if q == p]) == 1 - y[:, p]
+        rows.append({"property": name, "judge_on_reconstructions": float((recon[:, p] == y[:, p]).float().mean()),
+                     "judge_sees_factor_swap": float(flipped.float().mean()),
+                     "swap_per_value": " ".join(f"{v}:{float(flipped[y[:, p] == 1 - v].float().mean()):.2f}"
+                                                for v in range(ds.property_K[p]))})
+    return rows
+
+
+def _judge(judge, model, z, ds) -> torch.Tensor:
+    images = model.decode_mean(z.reshape(len(z), -1))
+    return _predict(judge, images.clamp(-1, 1) if ds.kind == "rgb" else images)
 
 
 def attributes_of_test_images(folder: Path, ds) -> tuple[list[str], np.ndarray]:

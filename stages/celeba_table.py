@@ -3,6 +3,7 @@
     python stages/preset.py celeba_cpu                               # seed 0, under an hour on 2 cores
     python stages/preset.py celeba_cpu -n celeba_cpu_seed1 -S seed=1
     python stages/celeba_table.py celeba_cpu celeba_cpu_seed1
+    python stages/celeba_table.py celeba_cpu celeba_cpu_seed1 --variant NAME ...   # and runs that changed params
 
 For each experiment (its own commit and dvc.lock) this loads the trained model and the prepared
 data from DVC's cache and writes
@@ -11,13 +12,20 @@ data from DVC's cache and writes
                                    majority baseline, the judge's agreement with clamped samples and
                                    its own test accuracy, beside the paper's; then mean and max - min
                                    over the runs
+  reports/celeba_variants.{md,csv}  the same rows for each --variant experiment, with the params it
+                                   changed from the first experiment; not in the mean
   reports/celeba_factors.{csv,md}  the NMI of each factor's argmax q(r_i|x) with each of the 40
                                    attributes (csv); each factor's five highest (md)
+                                   What the decoder does with each labelled factor (fmvae.celeba_report.
+                                   factor_swap, with the run's judge trained again): the judge's agreement
+                                   on reconstructions of the test images, and how often it sees the
+                                   property change when only that factor's z moves to its other component
   reports/celeba/<name>/           Figure 6, Figure 8 for factors 3 and 4, Figure 5, the NMI heatmap,
                                    and the run's params, metrics, properties, figures and dvc.lock
 """
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -31,7 +39,8 @@ from semi_table import full_rev, show
 
 from fmvae import celeba_report as cr, data as data_mod, evaluate as ev, pipeline
 from fmvae.checkpoint import atomic_write_bytes, atomic_write_text
-from fmvae.report import PAPER_CELEBA, write_table
+from fmvae.config import _flatten
+from fmvae.report import PAPER_CELEBA, train_judge, write_table
 
 matplotlib.use("Agg")
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json",
@@ -49,11 +58,32 @@ def load_run(rev: str, params: dict, work: Path):
     return ds, pipeline.load_model(params, ds, work / "joint.pt", torch.device("cpu"))
 
 
-def run_report(name: str) -> tuple[list[dict], pd.DataFrame]:
+def differences(params: dict, reference: dict) -> dict:
+    """The run's params that differ from the reference run's, the seed aside."""
+    used, base = _flatten(params), _flatten(reference)
+    return {k: v for k, v in used.items() if k != "seed" and v != base.get(k)}
+
+
+def check_roles(experiments: list[str], variants: list[str]) -> dict:
+    """Seeds of one configuration are averaged; anything else must come as a --variant. Returns the
+    first experiment's params, the reference the variants' changes are named against."""
+    params = {name: yaml.safe_load(show(full_rev(name), "params.yaml")) for name in experiments + variants}
+    reference = params[experiments[0]]
+    for name in experiments + variants:
+        changed = differences(params[name], reference)
+        if params[name]["data"]["name"] != "celeba":
+            raise SystemExit(f"error: experiment {name!r} trained on {params[name]['data']['name']!r}, not celeba")
+        if bool(changed) != (name in variants):
+            raise SystemExit(f"error: experiment {name!r} changed {changed or 'only the seed'} from "
+                             f"{experiments[0]!r}; pass it {'with' if changed else 'without'} --variant")
+    return reference
+
+
+def run_report(name: str, reference: dict, variant: bool = False) -> tuple[list[dict], pd.DataFrame]:
+    """One experiment's rows (a variant's with what it changed from `reference`) and NMI table."""
     rev = full_rev(name)
     params = yaml.safe_load(show(rev, "params.yaml"))
-    if params["data"]["name"] != "celeba":
-        raise SystemExit(f"error: experiment {name!r} trained on {params['data']['name']!r}, not celeba")
+    changed = differences(params, reference)
     props, metrics = json.loads(show(rev, "reports/properties.json")), json.loads(show(rev, "reports/metrics.json"))
     out = REPORTS / "celeba" / name
     for path in COPIED:
@@ -61,6 +91,14 @@ def run_report(name: str) -> tuple[list[dict], pd.DataFrame]:
     with tempfile.TemporaryDirectory() as work:
         ds, model = load_run(rev, params, Path(work))
     assignments = ev.evaluate_bound(model, ds.x_test, ds.to_float)["assignments"]
+    # the run's judge again (same images, seed and steps), to ask what the decoder does with each factor
+    judge, judge_acc = train_judge(ds, params["properties"]["judge_iters"], seed=params["seed"])
+    for prop, acc in zip(ds.property_names, judge_acc):
+        if abs(acc - props[f"judge_acc_{prop}"]) > 0.01:
+            raise SystemExit(f"error: {name}: the judge trained again reaches {prop} test accuracy {acc:.4f}, the "
+                             f"run's reached {props[f'judge_acc_{prop}']:.4f}: not the run's judge")
+    swap = {row["property"]: row for row in cr.factor_swap(model, judge, ds)}
+    atomic_write_text(out / "factor_swap.json", json.dumps(list(swap.values()), indent=1) + "\n")
     rows = []
     for p, prop in enumerate(ds.property_names):
         scores = cr.property_scores(assignments[:, p].numpy(), ds.y_test[:, p].numpy())
@@ -68,11 +106,14 @@ def run_report(name: str) -> tuple[list[dict], pd.DataFrame]:
         if abs(scores["accuracy"] - props[f"acc_{prop}"]) * len(ds.x_test) > 2.5:
             raise SystemExit(f"error: {name}: the model gives {prop} accuracy {scores['accuracy']:.6f}, its run "
                              f"recorded {props[f'acc_{prop}']:.6f}: not the model that run evaluated")
-        rows.append({"run": name, "seed": params["seed"], "property": prop, "accuracy_argmax_q_r": props[f"acc_{prop}"],
+        rows.append({"run": name, "seed": params["seed"], **({"changed": _changes(changed)} if variant else {}),
+                     "property": prop, "accuracy_argmax_q_r": props[f"acc_{prop}"],
                      "balanced_accuracy": scores["balanced_accuracy"], "majority_baseline": scores["majority_baseline"],
                      "paper_accuracy": PAPER_CELEBA[prop][0],
                      "judge_agreement_clamped_samples": props[f"agreement_{prop}"],
                      "paper_human_judgement": PAPER_CELEBA[prop][1], "judge_test_accuracy": props[f"judge_acc_{prop}"],
+                     "judge_on_reconstructions": swap[prop]["judge_on_reconstructions"],
+                     "judge_sees_factor_swap": swap[prop]["judge_sees_factor_swap"],
                      "test_elbo": metrics["elbo"], "train_images": len(ds.x_train), "test_images": len(ds.x_test)})
     folder = data_mod.fetch("celeba", ROOT / params["data"]["raw_dir"], params["data"]["mirror"] or None)
     names, attributes = cr.attributes_of_test_images(folder, ds)
@@ -86,6 +127,10 @@ def run_report(name: str) -> tuple[list[dict], pd.DataFrame]:
                    f"{name}: NMI of argmax q(r_i|x) with each attribute, {len(ds.x_test)} test images")
     print(f"{name}: wrote {out}", flush=True)
     return rows, nmi.reset_index(names="factor").assign(run=name, K=list(model.K))
+
+
+def _changes(changed: dict) -> str:
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in changed.items())
 
 
 def summary(rows: list[dict]) -> pd.DataFrame:
@@ -110,8 +155,20 @@ def highest(row: pd.Series, n: int = 5, floor: float = 0.01) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiments", nargs="+", help="names of finished celeba `dvc exp run -n NAME` experiments")
+    parser.add_argument("--variant", nargs="+", default=[],
+                        help="experiments that changed more than the seed: reports/celeba_variants.{md,csv}, outside the mean")
     args = parser.parse_args()
-    reports = [run_report(name) for name in args.experiments]
+    reference = check_roles(args.experiments, args.variant)  # before anything is computed or written
+    reports = [run_report(name, reference) for name in args.experiments]
+    variants = [run_report(name, reference, variant=True) for name in args.variant]
+    if variants:
+        write_table(pd.DataFrame([row for rows, _ in variants for row in rows]), REPORTS / "celeba_variants")
+    for path in [REPORTS / f"celeba_variants.{ext}" for ext in ("md", "csv")] * (not variants):
+        path.unlink(missing_ok=True)
+    for folder in (REPORTS / "celeba").iterdir():  # a run no longer in the tables leaves with its files
+        if folder.is_dir() and folder.name not in args.experiments + args.variant:
+            shutil.rmtree(folder)
+            print(f"removed {folder.relative_to(ROOT)}: not in the tables")
     table = summary([row for rows, _ in reports for row in rows])
     write_table(table, REPORTS / "celeba_table")
     nmi = pd.concat([n for _, n in reports], ignore_index=True)

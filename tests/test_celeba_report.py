@@ -95,6 +95,40 @@ def test_factor_figure_iterates_one_factor_s_heaviest_components(tmp_path):
     assert (tmp_path / "f8.png").stat().st_size > 0 and (tmp_path / "f5.png").stat().st_size > 0
 
 
+def test_factor_swap_flips_the_judge_only_through_factors_the_decoder_reads():
+    """Encodings sit at their labels' components; a decoder that paints factors 0 and 2 but not 1
+    (it draws factor 1 as 'no glasses' whatever z_1 is): reconstructions agree with the labels
+    except Eyeglasses = 1, moving factor 0 or 2 flips the judge every time, moving factor 1 never
+    shows glasses (and 'removes' them only where they were not drawn to begin with)."""
+    model = signposted_model()
+    I, D, n = 5, 2, 40
+    y = torch.stack([torch.arange(n) % 2, (torch.arange(n) // 2) % 2, (torch.arange(n) // 4) % 2], 1)
+    ds = Dataset("celeba", torch.zeros(1, 3, 64, 64, dtype=torch.uint8), torch.zeros(n, 3, 64, 64, dtype=torch.uint8),
+                 "rgb", y_test=y, property_names=["Male", "Eyeglasses", "Smiling"], property_K=[2, 2, 2])
+    k = torch.cat([y, torch.zeros(n, 2, dtype=torch.long)], 1)  # free factors at component 0
+    mu = (10.0 * torch.arange(I) + k).unsqueeze(-1).expand(n, I, D) + 0.01 * torch.randn(n, I, D)
+    model.encode = lambda x: (mu[:len(x)], torch.zeros(len(x), I, D))
+
+    def paint(z):  # row i: 0.5 k_i, except row 1, never painted
+        k_drawn = z.view(len(z), I, D).mean(-1) - 10.0 * torch.arange(I)
+        img = torch.zeros(len(z), 3, 64, 64)
+        img[:, :, :I, :] = 0.5 * k_drawn[:, None, :, None]
+        img[:, :, 1, :] = 0.0
+        return img
+    model.decoder.mean = paint
+
+    def judge(img):  # reads each labelled factor's row back
+        k_seen = 2 * img[:, 0, :3, 0]
+        return [torch.stack([-(k_seen[:, p] - 0) ** 2, -(k_seen[:, p] - 1) ** 2], -1) for p in range(3)]
+    rows = {r["property"]: r for r in cr.factor_swap(model, judge, ds, batch=16)}
+    assert rows["Male"]["judge_on_reconstructions"] == 1.0 and rows["Smiling"]["judge_on_reconstructions"] == 1.0
+    assert rows["Male"]["judge_sees_factor_swap"] == 1.0 and rows["Smiling"]["judge_sees_factor_swap"] == 1.0
+    assert rows["Eyeglasses"]["judge_on_reconstructions"] == pytest.approx(0.5)  # the glasses wearers are lost
+    assert rows["Eyeglasses"]["judge_sees_factor_swap"] == pytest.approx(0.5)  # 'removing' them looks right...
+    assert rows["Eyeglasses"]["swap_per_value"] == "0:1.00 1:0.00"  # ...adding them never works
+    assert rows["Male"]["swap_per_value"] == "0:1.00 1:1.00"
+
+
 def small_celeba(mirror, dest, n_train=150, n_test=50):
     """A complete CelebA folder of the mirror's first real training and test images."""
     from fmvae import gpu_check
@@ -132,8 +166,15 @@ def test_a_tiny_celeba_cpu_experiment_and_its_table(mirror, tmp_path):
     extra = [a for k, v in shrink.items() for a in ("-S", f"{k}={json.dumps(v)}")]
     env = {"FMVAE_DATA_MIRROR": str(tmp_path / "mirror"), "OMP_NUM_THREADS": "1"}
     run(["python", "stages/preset.py", "celeba_cpu", *extra], root, env_extra=env, timeout=900)
+    committed = (root / "reports/celeba_table.csv").read_bytes()  # the project's own, copied with it
+    refused = run(["python", "stages/celeba_table.py", "celeba_cpu", "--variant", "celeba_cpu"], root, check=False,
+                  env_extra=env, timeout=300)  # a variant that changed nothing would sit outside the mean for no reason
+    assert refused.returncode != 0 and "changed only the seed" in refused.stderr
+    assert (root / "reports/celeba_table.csv").read_bytes() == committed  # refused before anything was written
+    assert (root / "reports/celeba/celeba_cpu_seed1").is_dir()
     res = run(["python", "stages/celeba_table.py", "celeba_cpu"], root, env_extra=env, timeout=600)
     assert "celeba_cpu" in res.stdout
+    assert not (root / "reports/celeba/celeba_cpu_seed1").exists()  # a run no longer in the table leaves
     table = pd.read_csv(root / "reports/celeba_table.csv")
     runs = table[table["run"] == "celeba_cpu"]
     props = json.loads((root / "reports/celeba/celeba_cpu/properties.json").read_text())
@@ -148,3 +189,6 @@ def test_a_tiny_celeba_cpu_experiment_and_its_table(mirror, tmp_path):
         assert (root / "reports/celeba/celeba_cpu" / name).stat().st_size > 0, name
     nmi = pd.read_csv(root / "reports/celeba_factors.csv")
     assert nmi.shape == (5, 3 + 40) and nmi["Male"].between(0, 1).all()
+    assert runs["judge_on_reconstructions"].between(0, 1).all() and runs["judge_sees_factor_swap"].between(0, 1).all()
+    swap = json.loads((root / "reports/celeba/celeba_cpu/factor_swap.json").read_text())
+    assert [r["property"] for r in swap] == ["Male", "Eyeglasses", "Smiling"]

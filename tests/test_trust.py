@@ -275,6 +275,19 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
         assert r.judge_agreement_clamped_samples == pytest.approx(group["judge_agreement_clamped_samples"].mean())
         assert f"{r.accuracy_argmax_q_r:.3f}" in readme and f"{r.judge_agreement_clamped_samples:.3f}" in readme
     assert "reports/celeba/celeba_cpu/figure6.png" in readme
+    seed0 = _flatten(yaml.safe_load((ROOT / "reports/celeba" / runs["run"].iloc[0] / "params.yaml").read_text()))
+    variants = pd.read_csv(ROOT / "reports/celeba_variants.csv") if (ROOT / "reports/celeba_variants.csv").exists() \
+        else pd.DataFrame(columns=["run"])
+    for r in variants.itertuples():  # each variant quotes its own run and names exactly what it changed
+        folder = ROOT / "reports/celeba" / r.run
+        props = json.loads((folder / "properties.json").read_text())
+        assert (r.accuracy_argmax_q_r, r.judge_agreement_clamped_samples) == \
+            (props[f"acc_{r.property}"], props[f"agreement_{r.property}"]), (r.run, r.property)
+        used = _flatten(yaml.safe_load((folder / "params.yaml").read_text()))
+        changed = {k: v for k, v in used.items() if k != "seed" and v != seed0.get(k)}
+        assert r.changed == " ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) and changed, r.run
+        assert assert_lock_records_the_code_at_hand(folder / "dvc.lock") >= 7 * 10
+    assert {f.name for f in (ROOT / "reports/celeba").iterdir()} == set(runs["run"]) | set(variants["run"])
     nmi = pd.read_csv(ROOT / "reports/celeba_factors.csv")
     assert set(nmi["run"]) == set(runs["run"]) and nmi.shape[1] == 3 + 40
     for p, prop in enumerate(("Male", "Eyeglasses", "Smiling")):  # each clamped factor finds its own attribute first
