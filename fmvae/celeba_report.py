@@ -83,19 +83,19 @@ def factor_swap(model, judge, ds, batch: int = 500) -> list[dict]:
     dev = model.prior.lam.device
     means = model.prior.mean_params()[0].float().to(dev)  # (I, K, D)
     x, y = ds.x_test, ds.y_test.to(dev)
-    recon, swapped = [], []
+    recon, swapped = [], [[] for _ in ds.property_K]  # swapped[p]: the judge's reading of property p
     for s in range(0, len(x), batch):
         mu = model.encode(ds.to_float(x[s:s + batch].to(dev)))[0]  # (B, I, D)
         labels = y[s:s + batch]
         recon.append(_judge(judge, model, mu, ds))
-        for p in range(len(ds.property_K)):
+        for p, readings in enumerate(swapped):
             moved = mu.clone()
             moved[:, p] += means[p, 1 - labels[:, p]] - means[p, labels[:, p]]
-            swapped.append((p, _judge(judge, model, moved, ds)[:, p]))
+            readings.append(_judge(judge, model, moved, ds)[:, p])
     recon = torch.cat(recon)
     rows = []
     for p, name in enumerate(ds.property_names):
-        flipped = torch.cat([v for q, v in swapped if q == p]) == 1 - y[:, p]
+        flipped = torch.cat(swapped[p]) == 1 - y[:, p]
         rows.append({"property": name, "judge_on_reconstructions": float((recon[:, p] == y[:, p]).float().mean()),
                      "judge_sees_factor_swap": float(flipped.float().mean()),
                      "swap_per_value": " ".join(f"{v}:{float(flipped[y[:, p] == 1 - v].float().mean()):.2f}"

@@ -10,16 +10,15 @@ data from DVC's cache and writes
   reports/celeba_table.{md,csv}    per property: accuracy of argmax q(r_i|x) on the test images (it
                                    must equal the run's own properties.json), balanced accuracy, the
                                    majority baseline, the judge's agreement with clamped samples and
-                                   its own test accuracy, beside the paper's; then mean and max - min
-                                   over the runs
+                                   its own test accuracy, beside the paper's; what the decoder does with
+                                   each labelled factor (fmvae.celeba_report.factor_swap, with the run's
+                                   judge trained again): the judge on reconstructions of the test images,
+                                   and how often it sees the property change when only that factor's z
+                                   moves to its other component; then mean and max - min over the runs
   reports/celeba_variants.{md,csv}  the same rows for each --variant experiment, with the params it
                                    changed from the first experiment; not in the mean
   reports/celeba_factors.{csv,md}  the NMI of each factor's argmax q(r_i|x) with each of the 40
                                    attributes (csv); each factor's five highest (md)
-                                   What the decoder does with each labelled factor (fmvae.celeba_report.
-                                   factor_swap, with the run's judge trained again): the judge's agreement
-                                   on reconstructions of the test images, and how often it sees the
-                                   property change when only that factor's z moves to its other component
   reports/celeba/<name>/           Figure 6, Figure 8 for factors 3 and 4, Figure 5, the NMI heatmap,
                                    and the run's params, metrics, properties, figures and dvc.lock
 """
@@ -64,26 +63,24 @@ def differences(params: dict, reference: dict) -> dict:
     return {k: v for k, v in used.items() if k != "seed" and v != base.get(k)}
 
 
-def check_roles(experiments: list[str], variants: list[str]) -> dict:
-    """Seeds of one configuration are averaged; anything else must come as a --variant. Returns the
-    first experiment's params, the reference the variants' changes are named against."""
+def check_roles(experiments: list[str], variants: list[str]) -> dict[str, dict]:
+    """Seeds of one configuration are averaged; anything else must come as a --variant. Returns what
+    each experiment changed from the first one (empty for the seeds)."""
     params = {name: yaml.safe_load(show(full_rev(name), "params.yaml")) for name in experiments + variants}
-    reference = params[experiments[0]]
-    for name in experiments + variants:
-        changed = differences(params[name], reference)
+    changes = {name: differences(p, params[experiments[0]]) for name, p in params.items()}
+    for name, changed in changes.items():
         if params[name]["data"]["name"] != "celeba":
             raise SystemExit(f"error: experiment {name!r} trained on {params[name]['data']['name']!r}, not celeba")
         if bool(changed) != (name in variants):
             raise SystemExit(f"error: experiment {name!r} changed {changed or 'only the seed'} from "
                              f"{experiments[0]!r}; pass it {'with' if changed else 'without'} --variant")
-    return reference
+    return changes
 
 
-def run_report(name: str, reference: dict, variant: bool = False) -> tuple[list[dict], pd.DataFrame]:
-    """One experiment's rows (a variant's with what it changed from `reference`) and NMI table."""
+def run_report(name: str, changed: dict | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """One experiment's rows (a variant's naming what it `changed`) and NMI table."""
     rev = full_rev(name)
     params = yaml.safe_load(show(rev, "params.yaml"))
-    changed = differences(params, reference)
     props, metrics = json.loads(show(rev, "reports/properties.json")), json.loads(show(rev, "reports/metrics.json"))
     out = REPORTS / "celeba" / name
     for path in COPIED:
@@ -106,7 +103,7 @@ def run_report(name: str, reference: dict, variant: bool = False) -> tuple[list[
         if abs(scores["accuracy"] - props[f"acc_{prop}"]) * len(ds.x_test) > 2.5:
             raise SystemExit(f"error: {name}: the model gives {prop} accuracy {scores['accuracy']:.6f}, its run "
                              f"recorded {props[f'acc_{prop}']:.6f}: not the model that run evaluated")
-        rows.append({"run": name, "seed": params["seed"], **({"changed": _changes(changed)} if variant else {}),
+        rows.append({"run": name, "seed": params["seed"], **({"changed": _changes(changed)} if changed else {}),
                      "property": prop, "accuracy_argmax_q_r": props[f"acc_{prop}"],
                      "balanced_accuracy": scores["balanced_accuracy"], "majority_baseline": scores["majority_baseline"],
                      "paper_accuracy": PAPER_CELEBA[prop][0],
@@ -158,13 +155,14 @@ if __name__ == "__main__":
     parser.add_argument("--variant", nargs="+", default=[],
                         help="experiments that changed more than the seed: reports/celeba_variants.{md,csv}, outside the mean")
     args = parser.parse_args()
-    reference = check_roles(args.experiments, args.variant)  # before anything is computed or written
-    reports = [run_report(name, reference) for name in args.experiments]
-    variants = [run_report(name, reference, variant=True) for name in args.variant]
+    changes = check_roles(args.experiments, args.variant)  # before anything is computed or written
+    reports = [run_report(name) for name in args.experiments]
+    variants = [run_report(name, changes[name]) for name in args.variant]
     if variants:
         write_table(pd.DataFrame([row for rows, _ in variants for row in rows]), REPORTS / "celeba_variants")
-    for path in [REPORTS / f"celeba_variants.{ext}" for ext in ("md", "csv")] * (not variants):
-        path.unlink(missing_ok=True)
+    else:  # no variants this time: none of an earlier call's stays behind
+        for ext in ("md", "csv"):
+            (REPORTS / f"celeba_variants.{ext}").unlink(missing_ok=True)
     for folder in (REPORTS / "celeba").iterdir():  # a run no longer in the tables leaves with its files
         if folder.is_dir() and folder.name not in args.experiments + args.variant:
             shutil.rmtree(folder)
