@@ -190,5 +190,15 @@ def test_a_tiny_celeba_cpu_experiment_and_its_table(mirror, tmp_path):
     nmi = pd.read_csv(root / "reports/celeba_factors.csv")
     assert nmi.shape == (5, 3 + 40) and nmi["Male"].between(0, 1).all()
     assert runs["judge_on_reconstructions"].between(0, 1).all() and runs["judge_sees_factor_swap"].between(0, 1).all()
-    swap = json.loads((root / "reports/celeba/celeba_cpu/factor_swap.json").read_text())
-    assert [r["property"] for r in swap] == ["Male", "Eyeglasses", "Smiling"]
+    swap_file = root / "reports/celeba/celeba_cpu/factor_swap.json"
+    swap = json.loads(swap_file.read_text())
+    assert [r["property"] for r in swap["rows"]] == ["Male", "Eyeglasses", "Smiling"]
+    # the same run and code again: the judge is not trained again, the rows are read back
+    again = run(["python", "stages/celeba_table.py", "celeba_cpu"], root, env_extra=env, timeout=600)
+    assert "read back" in again.stdout and json.loads(swap_file.read_text()) == swap
+    # rows left by other code (its key differs) are computed again, never quoted
+    swap_file.write_text(json.dumps({"key": "other code", "rows": [dict(r, judge_sees_factor_swap=7.0)
+                                                                   for r in swap["rows"]]}))
+    third = run(["python", "stages/celeba_table.py", "celeba_cpu"], root, env_extra=env, timeout=600)
+    assert "read back" not in third.stdout and json.loads(swap_file.read_text()) == swap
+    assert pd.read_csv(root / "reports/celeba_table.csv")["judge_sees_factor_swap"].between(0, 1).all()
