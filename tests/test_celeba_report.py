@@ -1,6 +1,7 @@
 """CelebA's section 4.2 artifacts (fmvae/celeba_report.py): scores, NMI, the 40-attribute alignment,
 Figure 6's columns, and a tiny `celeba_cpu` run through `dvc exp run` and stages/celeba_table.py."""
 import json
+import types
 
 import matplotlib
 import numpy as np
@@ -13,7 +14,7 @@ from fmvae import celeba_report as cr, data
 from fmvae.data.core import Dataset
 from fmvae.distributions import normal_gamma as ng
 from fmvae.model import FMVAE
-from helpers import copy_project, run, tiny_params
+from helpers import ROOT, copy_project, run, tiny_params
 
 matplotlib.use("Agg")
 
@@ -128,6 +129,40 @@ def test_factor_swap_flips_the_judge_only_through_factors_the_decoder_reads():
     assert rows["Eyeglasses"]["swap_per_value"] == "0:1.00 1:0.00"  # ...adding them never works
     assert rows["Male"]["swap_per_value"] == "0:1.00 1:1.00"
 
+
+
+def test_the_table_trains_the_run_s_judge_again_on_the_run_s_thread_count(tmp_path, monkeypatch):
+    """stages/celeba_table.py's factor_swap trains the judge on the thread count the run recorded in
+    its provenance.json (on another count it is another judge: the swap shares move by up to 0.017),
+    gives the caller its own count back, and refuses a judge whose test accuracy is not the run's,
+    writing nothing."""
+    monkeypatch.syspath_prepend(str(ROOT / "stages"))
+    import celeba_table
+    seen = []
+
+    def train_judge(ds, iters, seed):
+        seen.append((torch.get_num_threads(), iters, seed))
+        return "the judge", [0.931, 0.970, 0.885]
+    monkeypatch.setattr(celeba_table, "show", lambda rev, path: json.dumps({"host": {"torch_threads": 1}}).encode())
+    monkeypatch.setattr(celeba_table, "train_judge", train_judge)
+    monkeypatch.setattr(celeba_table.cr, "factor_swap",
+                        lambda model, judge, ds: [{"property": p, "judged_by": judge} for p in ds.property_names])
+    ds = types.SimpleNamespace(property_names=["Male", "Eyeglasses", "Smiling"])
+    params = {"properties": {"judge_iters": 7}, "seed": 3}
+    props = {"judge_acc_Male": 0.931, "judge_acc_Eyeglasses": 0.965, "judge_acc_Smiling": 0.885}
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = celeba_table.factor_swap("run", "rev", params, props, None, ds, tmp_path / "swap.json")
+        assert seen == [(1, 7, 3)] and torch.get_num_threads() == 2
+        assert json.loads((tmp_path / "swap.json").read_text())["rows"] == rows
+        assert [r["judged_by"] for r in rows] == ["the judge"] * 3
+        with pytest.raises(SystemExit, match="Eyeglasses test accuracy 0.9700, the run's reached 0.9500"):
+            celeba_table.factor_swap("run", "rev", params, props | {"judge_acc_Eyeglasses": 0.95}, None, ds,
+                                     tmp_path / "other.json")
+        assert not (tmp_path / "other.json").exists() and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(caller)
 
 def small_celeba(mirror, dest, n_train=150, n_test=50):
     """A complete CelebA folder of the mirror's first real training and test images."""
