@@ -130,7 +130,6 @@ def test_factor_swap_flips_the_judge_only_through_factors_the_decoder_reads():
     assert rows["Male"]["swap_per_value"] == "0:1.00 1:1.00"
 
 
-
 def test_the_table_trains_the_run_s_judge_again_on_the_run_s_thread_count(tmp_path, monkeypatch):
     """stages/celeba_table.py's factor_swap trains the judge on the thread count the run recorded in
     its provenance.json (on another count it is another judge: the swap shares move by up to 0.017),
@@ -163,6 +162,7 @@ def test_the_table_trains_the_run_s_judge_again_on_the_run_s_thread_count(tmp_pa
         assert not (tmp_path / "other.json").exists() and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(caller)
+
 
 def small_celeba(mirror, dest, n_train=150, n_test=50):
     """A complete CelebA folder of the mirror's first real training and test images."""
