@@ -68,19 +68,20 @@ def test_after_a_param_change_a_killed_stage_resumes_from_its_own_checkpoint(tmp
     """A finished run leaves checkpoints up to step 30. Change joint.iters, kill the joint stage
     at step 25: its checkpoints (one folder per setting) survive beside the old run's, the rerun
     resumes from step 20 and ends bitwise equal to an uninterrupted run with the new params,
-    curve included (no gap, no repeated step). The old setting's folder goes once the run is done."""
+    curve included (no gap, no repeated step). The old setting's folder goes once the run is done.
+    Every repro stops at evaluate: the judge and the figures after it are tested elsewhere."""
     reference = copy_project(tmp_path / "reference", tiny_params(joint={"iters": 40}))
-    run(["dvc", "repro"], reference)
+    run(["dvc", "repro", "evaluate"], reference)
     root = copy_project(tmp_path / "changed", tiny_params())
-    run(["dvc", "repro"], root)
+    run(["dvc", "repro", "evaluate"], root)
     (old,) = (root / "checkpoints/joint").iterdir()
     assert list(old.glob("ckpt-000000030.pt"))
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(joint={"iters": 40}), sort_keys=False))
-    killed = run(["dvc", "repro"], root, check=False, env_extra={"FMVAE_KILL_AT_STEP": "25"})
+    killed = run(["dvc", "repro", "evaluate"], root, check=False, env_extra={"FMVAE_KILL_AT_STEP": "25"})
     assert killed.returncode != 0 and "Running stage 'pretrain'" not in killed.stdout
     new = [f for f in (root / "checkpoints/joint").iterdir() if f != old]
     assert len(new) == 1 and old.exists() and list(new[0].glob("ckpt-000000020.pt"))
-    resumed = run(["dvc", "repro"], root)
+    resumed = run(["dvc", "repro", "evaluate"], root)
     assert "resuming from step 20" in resumed.stdout + resumed.stderr
     assert json.loads((root / "reports/metrics.json").read_text()) == \
         json.loads((reference / "reports/metrics.json").read_text())
