@@ -55,7 +55,7 @@ def test_the_code_digest_covers_every_module_a_training_stage_runs():
                                                                     script=str(ROOT / "stages" / script))],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
         # the package's own files: a checkout in a folder named fmvae must not count stages/ as the package
-        used |= {Path(f).resolve() for f in json.loads(out) if Path(f).resolve().is_relative_to(ROOT / "fmvae")}
+        used |= {p for p in map(Path.resolve, map(Path, json.loads(out))) if p.is_relative_to(ROOT / "fmvae")}
     digested = set(config.training_sources())
     assert digested == used, (sorted(map(str, digested - used)), sorted(map(str, used - digested)))
     assert not {"plots.py", "report.py", "sweep.py"} & {p.name for p in digested}
