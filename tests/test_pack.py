@@ -16,6 +16,9 @@ X, _ = factorial_vectors(3000, seed=0)
 X_TEST, _ = factorial_vectors(1000, seed=1)
 DATA = TrainData(X, lambda t: t)
 KS, SEEDS = [2, 16, 64, 512], [0, 1, 2, 3]
+# a pack member against its trial alone: vmapped (bmm) and plain (mm) products sum in another order on
+# some CPUs (see the trial-alone resume test); every term within this fraction of the bound's size
+CROSS_PATH_REL = 1e-4
 
 
 def member_models(ks=KS, seeds=SEEDS, arch="mlp", x=X, D=2):
@@ -50,8 +53,9 @@ def assert_same_curves(packed, alone, rel, grad_rel=None):
 @pytest.mark.parametrize("phase, train_alone", [("pretrain", pretrain), ("joint", joint_train)])
 def test_each_member_trains_to_the_numbers_of_its_trial_alone(tmp_path, phase, train_alone):
     """K = 2, 16, 64 and 512 in one pack (priors padded to 512 components), seeds 0-3: every logged
-    term within 1e-4 of the bound's size over 200 iterations (measured: equal to the last bit on this
-    MLP), the same checkpoints, snapshots and final test bound."""
+    term within CROSS_PATH_REL of the bound's size over 200 iterations (measured: equal to the last bit
+    on this MLP on an Intel Xeon host, within 1e-7 on an AMD EPYC one), the same checkpoints, snapshots
+    and final test bound."""
     alone = []
     for m, s in zip(member_models(), SEEDS):
         alone.append(train_alone(m, DATA, config(s), ckpt=CheckpointDir(tmp_path / f"alone{s}"), fingerprint="fp"))
@@ -61,7 +65,7 @@ def test_each_member_trains_to_the_numbers_of_its_trial_alone(tmp_path, phase, t
     curves = train_pack(phase, models, DATA, [config(s) for s in SEEDS], [tmp_path / f"pack{s}" for s in SEEDS],
                         ["fp"] * 4)
     for m, s in enumerate(SEEDS):
-        assert_same_curves(curves[m], alone[m][0], rel=1e-4)
+        assert_same_curves(curves[m], alone[m][0], rel=CROSS_PATH_REL)
         torch.manual_seed(0)
         assert evaluate_bound(models[m], X_TEST, lambda t: t)["elbo"] == pytest.approx(alone[m][1], abs=0.05)
         mine, theirs = CheckpointDir(tmp_path / f"pack{s}").latest(), CheckpointDir(tmp_path / f"alone{s}").latest()
@@ -84,7 +88,7 @@ def test_a_pack_of_convolutional_members_matches_their_trials_alone(tmp_path):
     curves = train_pack("joint", member_models(ks, seeds, "conv28", x, 4), data, [config(s, iters=30) for s in seeds],
                         [tmp_path / f"pack{s}" for s in seeds], ["fp"] * 2)
     for m in range(2):
-        assert_same_curves(curves[m], alone[m], rel=1e-4, grad_rel=1e-2)
+        assert_same_curves(curves[m], alone[m], rel=CROSS_PATH_REL, grad_rel=1e-2)
 
 
 def test_a_member_with_a_non_finite_term_stops_alone(tmp_path, monkeypatch):
@@ -120,8 +124,8 @@ def test_a_member_with_a_non_finite_term_stops_alone(tmp_path, monkeypatch):
 def test_a_pack_resumes_bitwise_from_its_members_checkpoints(tmp_path):
     """Interrupted at step 120 (an exception from the log callback: checkpoints up to 110), with
     member 1's newest checkpoint then lost: rerun, the pack resumes every member from the newest
-    step all of them have (100) and ends bit for bit where an uninterrupted pack ends. A trial alone
-    resumes from a member's checkpoint too: the format is the same."""
+    step all of them have (100) and ends bit for bit where an uninterrupted pack ends (the same code
+    path resuming itself: bitwise on any host)."""
     folders = [tmp_path / f"run{s}" for s in SEEDS]
 
     def crash(row, history):
@@ -143,17 +147,76 @@ def test_a_pack_resumes_bitwise_from_its_members_checkpoints(tmp_path):
     for a, b in zip(resumed_models, straight_models):
         for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(v, w), k
-    # member 3's checkpoint at step 100 continued by the trial alone
+
+
+def test_a_trial_alone_resumes_from_a_pack_member_s_checkpoint(tmp_path):
+    """A member's checkpoint is a trial alone's: copied at step 100 into a folder of its own, the trial
+    alone resumes from it (its curve up to step 100 is the checkpoint's, to the bit) and ends where the
+    packed member ends, within the cross-path tolerance: the pack's vmapped Linear layers take their
+    weight gradients by a batched matrix product (bmm), the trial alone by mm, and on an AMD EPYC
+    host the two sum the batch in another order for the layers that touch the 2-dimensional blocks
+    (1 ulp at the first step; ~1e-7 of the bound after 100 steps), while on an Intel Xeon host they
+    happen to agree to the bit. Copied before the pack goes on: CheckpointDir keeps the newest two,
+    so step 100 is pruned once the pack reaches 120 (an earlier form of this test copied nothing and
+    compared a trial trained from scratch, bitwise, against the pack)."""
+    folders = [tmp_path / f"pack{s}" for s in SEEDS]
+
+    def crash(row, history):  # at step 110, before its checkpoint: the folder holds steps 90 and 100
+        if row["step"] == 110:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_pack("joint", member_models(), DATA, [config(s) for s in SEEDS], folders, ["fp"] * 4,
+                   on_logs=[None, None, None, crash])
     (tmp_path / "alone").mkdir()
-    for p in CheckpointDir(folders[3]).paths():
-        if p.name.endswith("000000100.pt"):
-            (tmp_path / "alone" / p.name).write_bytes(p.read_bytes())
-            (tmp_path / "alone" / f"{p.name}.sha256").write_bytes(p.with_name(f"{p.name}.sha256").read_bytes())
-    alone = member_models()[3]
-    history = joint_train(alone, DATA, config(3), ckpt=CheckpointDir(tmp_path / "alone"), fingerprint="fp")
-    assert history == straight[3]
+    copied = [p for p in CheckpointDir(folders[3]).paths() if p.name.endswith("000000100.pt")]
+    assert len(copied) == 1
+    for p in copied:
+        (tmp_path / "alone" / p.name).write_bytes(p.read_bytes())
+        (tmp_path / "alone" / f"{p.name}.sha256").write_bytes(p.with_name(f"{p.name}.sha256").read_bytes())
+    at_100 = CheckpointDir(tmp_path / "alone").latest()
+    straight_models = member_models()
+    straight = train_pack("joint", straight_models, DATA, [config(s) for s in SEEDS],
+                          [tmp_path / f"straight{s}" for s in SEEDS], ["fp"] * 4)
+    alone, logged = member_models()[3], []
+    history = joint_train(alone, DATA, config(3), ckpt=CheckpointDir(tmp_path / "alone"), fingerprint="fp",
+                          on_log=lambda row, rows: logged.append(row["step"]))
+    assert logged[0] == 110 and history[:10] == at_100["history"] == straight[3][:10]  # resumed, not retrained
+    assert [r["step"] for r in history] == [r["step"] for r in straight[3]]
+    assert_same_curves(history[10:], straight[3][10:], rel=CROSS_PATH_REL)
     for (k, v), w in zip(alone.state_dict().items(), straight_models[3].state_dict().values()):
-        assert torch.equal(v, w), k
+        assert torch.allclose(v.double(), w.double(), rtol=1e-4, atol=1e-6), k
+
+
+class _ReorderedLinear(torch.autograd.Function):
+    """x W^T + b whose weight and bias gradients sum the batch in reverse order: the same numbers,
+    accumulated in the order another CPU's matrix kernel may choose."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g, xs = grad.flip(0), x.flip(0)
+        return grad @ weight, g.T @ xs, g.sum(0)
+
+
+def test_the_cross_path_tolerance_absorbs_another_summation_order_and_nothing_more(monkeypatch):
+    """What the AMD host's kernels did to a pack member, made to happen on any host: every Linear
+    layer's weight gradient summed over the batch in reverse order. Over 200 joint steps the curve
+    leaves the bits of the straight run but stays within CROSS_PATH_REL of the bound; a learning rate
+    10% larger (a real change, smaller than any a user makes) does not."""
+    straight = joint_train(member_models()[3], DATA, config(3))
+    changed = joint_train(member_models()[3], DATA, config(3, lr=1.1e-3))
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: _ReorderedLinear.apply(x, self.weight, self.bias))
+    reordered = joint_train(member_models()[3], DATA, config(3))
+    assert reordered != straight  # the order shows in the bits ...
+    assert_same_curves(reordered, straight, rel=CROSS_PATH_REL)  # ... and not beyond the tolerance
+    with pytest.raises(AssertionError):
+        assert_same_curves(changed, straight, rel=CROSS_PATH_REL)
 
 
 def test_a_pack_refuses_members_it_cannot_train_together():
