@@ -39,7 +39,7 @@ import yaml
 from _common import REPORTS, ROOT
 from semi_table import full_rev, show
 
-from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, pipeline
+from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, pipeline, runs
 from fmvae.checkpoint import atomic_write_bytes, atomic_write_text
 from fmvae.config import _flatten
 from fmvae.report import PAPER_CELEBA, train_judge, write_table
@@ -184,8 +184,11 @@ if __name__ == "__main__":
     changes = check_roles(args.experiments, args.variant)  # before anything is computed or written
     reports = [run_report(name) for name in args.experiments]
     variants = [run_report(name, changes[name]) for name in args.variant]
+    # each row's code (HEAD or the commit it ran at); the mean refused if the seeds' differ
+    table = runs.with_code_column(runs.CELEBA_TABLE, summary([row for rows, _ in reports for row in rows]))
     if variants:
-        write_table(pd.DataFrame([row for rows, _ in variants for row in rows]), REPORTS / "celeba_variants")
+        write_table(runs.with_code_column(runs.CELEBA_VARIANTS, pd.DataFrame([row for rows, _ in variants for row in rows])),
+                    REPORTS / "celeba_variants")
     else:  # no variants this time: none of an earlier call's stays behind
         for ext in ("md", "csv"):
             (REPORTS / f"celeba_variants.{ext}").unlink(missing_ok=True)
@@ -193,7 +196,6 @@ if __name__ == "__main__":
         if folder.is_dir() and folder.name not in args.experiments + args.variant:
             shutil.rmtree(folder)
             print(f"removed {folder.relative_to(ROOT)}: not in the tables")
-    table = summary([row for rows, _ in reports for row in rows])
     write_table(table, REPORTS / "celeba_table")
     nmi = pd.concat([n for _, n in reports], ignore_index=True)
     nmi = nmi[["run", "factor", "K"] + [c for c in nmi.columns if c not in ("run", "factor", "K")]]

@@ -16,7 +16,8 @@ the mean and the min-max over the seeds of one thread count. A variant (--varian
 changed params besides the seed: listed with what it changed, left out of the statistics. Each experiment's metrics, evaluation,
 provenance and dvc.lock are copied to reports/default_runs/<name>/, the workspace's run is read
 from reports/ (the files `dvc repro` committed), so the table and what produced it are committed
-together (tests/test_trust.py checks that they agree, and that every lock records the code at hand).
+together (tests/test_trust.py checks that they agree, and that every lock records the sources of the
+commit its run names); its `code` column says which runs ran on HEAD's training code (fmvae/runs.py).
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ import yaml
 from _common import REPORTS, ROOT
 from semi_table import full_rev, show
 
+from fmvae import runs as committed_runs
 from fmvae.checkpoint import atomic_write_bytes
 from fmvae.config import _flatten
 from fmvae.report import write_table
@@ -100,6 +102,7 @@ if __name__ == "__main__":
     threads = int(runs.loc[0, "torch_threads"])
     table = pd.concat([runs, pd.DataFrame(summary(runs, threads))], ignore_index=True)
     table[["seed", "torch_threads"]] = table[["seed", "torch_threads"]].astype("Int64")
+    table = committed_runs.with_code_column(committed_runs.DEFAULT_RUNS, table)  # refuses a mean over code versions
     write_table(table, REPORTS / "default_runs")
     for folder in (REPORTS / "default_runs").iterdir():  # a run no longer in the table leaves with its files
         if folder.is_dir() and folder.name not in args.run + args.variant:

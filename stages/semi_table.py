@@ -20,11 +20,12 @@ import torch
 import yaml
 from _common import REPORTS, ROOT
 
+from fmvae import runs
 from fmvae.checkpoint import atomic_write_bytes
 from fmvae.data import semi_supervised_labels
 from fmvae.report import semi_supervised_table, write_table
 
-COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties.json", "reports/mnist_table.md",
+COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties.json", "reports/provenance.json", "reports/mnist_table.md",
           "reports/figures/samples_grid.png", "reports/figures/clusters.png", "reports/figures/training_curves.png"]
 
 
@@ -68,5 +69,5 @@ if __name__ == "__main__":
     parser.add_argument("experiments", nargs="+", help="names of finished `dvc exp run -n NAME` experiments")
     args = parser.parse_args()
     table = semi_supervised_table([run_row(name) for name in args.experiments])
-    write_table(table, REPORTS / "mnist_table")
+    write_table(runs.with_code_column(runs.MNIST_TABLE, table), REPORTS / "mnist_table")
     print(table.to_string(index=False))

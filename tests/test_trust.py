@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmvae import config
+from fmvae import config, runs as committed_runs
 from fmvae.schema import SCHEMA
 from fmvae.train import TRAIN_KEYS, TrainConfig
 
@@ -122,6 +122,13 @@ def assert_lock_records_the_code_at_hand(lock_file: Path) -> int:
     return checked
 
 
+def assert_run_names_the_code_it_ran(folder: Path) -> "committed_runs.RunCode":
+    """A committed run names an ancestor of HEAD whose sources its dvc.lock records (fmvae.runs)."""
+    code = committed_runs.run_code(folder)
+    assert len(committed_runs.code_deps(yaml.safe_load((folder / "dvc.lock").read_text()))) >= 10
+    return code
+
+
 def test_the_committed_lock_records_the_code_at_hand():
     """dvc.lock was written by `dvc repro` on exactly these sources."""
     assert assert_lock_records_the_code_at_hand(ROOT / "dvc.lock") >= 7 * 10
@@ -182,8 +189,8 @@ def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch, c
 
 def test_the_committed_mnist_table_belongs_to_its_runs_the_preset_and_this_code():
     """reports/mnist_table.csv quotes exactly the committed runs in reports/mnist_semi/<name>/; the
-    `mnist_semi` row was produced by presets/mnist_semi.yaml as it is now; every run's dvc.lock
-    records the md5 of the code at HEAD; the README quotes the preset's row."""
+    `mnist_semi` row was produced by presets/mnist_semi.yaml as it was at the run's commit; every run's
+    dvc.lock records the sources of the commit it names; the README quotes the preset's row."""
     import pandas as pd
     from fmvae.config import _flatten
     table = pd.read_csv(ROOT / "reports/mnist_table.csv")
@@ -195,10 +202,11 @@ def test_the_committed_mnist_table_belongs_to_its_runs_the_preset_and_this_code(
         metrics = json.loads((run / "metrics.json").read_text())
         assert (row.accuracy_argmax_q_r, row.judge_agreement_clamped_samples, row.test_elbo) == \
             (props["acc_digit"], props["agreement_digit"], metrics["elbo"]), name
-        assert assert_lock_records_the_code_at_hand(run / "dvc.lock") >= 7 * 10
-    preset = _flatten(yaml.safe_load((ROOT / "presets/mnist_semi.yaml").read_text()))
-    used = _flatten(yaml.safe_load((ROOT / "reports/mnist_semi/mnist_semi/params.yaml").read_text()))
-    assert {k: used[k] for k in preset} == preset
+        code = assert_run_names_the_code_it_ran(run)
+        if name == "mnist_semi":  # the preset as it was at the run's commit
+            preset = _flatten(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/mnist_semi.yaml")))
+            used = _flatten(yaml.safe_load((run / "params.yaml").read_text()))
+            assert {k: used[k] for k in preset} == preset
     readme = (ROOT / "README.md").read_text()
     assert f"{rows['mnist_semi'].accuracy_argmax_q_r:.3f}" in readme
     assert f"{rows['mnist_semi'].judge_agreement_clamped_samples:.3f}" in readme
@@ -208,13 +216,12 @@ def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
     """reports/default_runs.csv (stages/seeds_table.py) quotes exactly the workspace's committed run
     and the runs copied to reports/default_runs/<name>/; each of those differs from params.yaml in the
     seed only, or in exactly the params its `changed` column names (a variant, left out of the
-    statistics), and its dvc.lock records the code at hand; the summary rows are the seeds'
+    statistics), its dvc.lock recording the sources of the commit it names; the summary rows are the seeds'
     statistics of its thread count; the README quotes the mean and the range of the test ELBO."""
     import pandas as pd
     from fmvae.config import _flatten
     table = pd.read_csv(ROOT / "reports/default_runs.csv")
     runs = table[table["seed"].notna()]
-    default = yaml.safe_load((ROOT / "params.yaml").read_text())
     for r in runs.itertuples():
         folder = ROOT / "reports" if r.run.startswith("dvc repro") else ROOT / "reports/default_runs" / r.run
         metrics = json.loads((folder / "metrics.json").read_text())
@@ -222,9 +229,10 @@ def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
         host = json.loads((folder / "provenance.json").read_text())["host"]
         assert (r.test_elbo, r.iwae, r.spread_averaged, r.torch_threads) == \
             (metrics["elbo"], metrics["iwae"], details["snapshots"]["spread_average"], host["torch_threads"]), r.run
-        lock = ROOT / "dvc.lock" if r.run.startswith("dvc repro") else folder / "dvc.lock"
-        assert assert_lock_records_the_code_at_hand(lock) >= 7 * 10
-        if not r.run.startswith("dvc repro"):
+        if not r.run.startswith("dvc repro"):  # (the workspace's run is dvc.lock: HEAD's, tested on its own)
+            # its params against params.yaml as it was at the run's commit
+            code = assert_run_names_the_code_it_ran(folder)
+            default = yaml.safe_load(committed_runs.git("show", f"{code.commit}:params.yaml"))
             params, base = (_flatten(yaml.safe_load((folder / "params.yaml").read_text())), _flatten(default))
             differs = {k for k in params.keys() | base.keys() if k != "seed" and params.get(k) != base.get(k)}
             named = {c.split("=")[0] for c in r.changed.split(", ")} if isinstance(r.changed, str) else set()
@@ -245,17 +253,18 @@ def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
 
 def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code():
     """reports/celeba_table.csv (stages/celeba_table.py) quotes exactly the runs copied to
-    reports/celeba/<name>/: seeds 0 and 1 of presets/celeba_cpu.yaml as it is now, each dvc.lock
-    recording the code at HEAD, each with its figures; the summary rows are the runs' mean and
+    reports/celeba/<name>/: seeds 0 and 1 of presets/celeba_cpu.yaml as it was at the run's commit, each
+    dvc.lock recording the sources of the commit it names, each with its figures; the summary rows are the runs' mean and
     max - min; the README quotes the mean accuracies and agreements and shows Figure 6."""
     import pandas as pd
     from fmvae.config import _flatten
     table = pd.read_csv(ROOT / "reports/celeba_table.csv")
     runs = table[table["seed"].notna()]
     assert set(runs["seed"]) >= {0, 1}
-    preset = _flatten(yaml.safe_load((ROOT / "presets/celeba_cpu.yaml").read_text()))
     for r in runs.itertuples():
         folder = ROOT / "reports/celeba" / r.run
+        code = assert_run_names_the_code_it_ran(folder)
+        preset = _flatten(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/celeba_cpu.yaml")))
         props = json.loads((folder / "properties.json").read_text())
         metrics = json.loads((folder / "metrics.json").read_text())
         assert (r.accuracy_argmax_q_r, r.judge_agreement_clamped_samples, r.judge_test_accuracy, r.test_elbo) == \
@@ -264,7 +273,6 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
         assert json.loads((folder / "evaluation.json").read_text())["data"]["test_images"] == r.test_images
         used = _flatten(yaml.safe_load((folder / "params.yaml").read_text()))
         assert {k: used[k] for k in preset} == preset and used["seed"] == r.seed, r.run
-        assert assert_lock_records_the_code_at_hand(folder / "dvc.lock") >= 7 * 10
         for name in ("figure6.png", "figure8_factor3.png", "figure8_factor4.png", "figure5.png",
                      "factor_attribute_nmi.png"):
             assert (folder / name).stat().st_size > 0, (r.run, name)
@@ -287,7 +295,7 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
         used = _flatten(yaml.safe_load((folder / "params.yaml").read_text()))
         changed = {k: v for k, v in used.items() if k != "seed" and v != seed0.get(k)}
         assert r.changed == " ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) and changed, r.run
-        assert assert_lock_records_the_code_at_hand(folder / "dvc.lock") >= 7 * 10
+        assert_run_names_the_code_it_ran(folder)
     assert {f.name for f in (ROOT / "reports/celeba").iterdir()} == set(runs["run"]) | set(variants["run"])
     nmi = pd.read_csv(ROOT / "reports/celeba_factors.csv")
     assert set(nmi["run"]) == set(runs["run"]) and nmi.shape[1] == 3 + 40

@@ -1,0 +1,135 @@
+"""Committed runs keep the commit that made them (fmvae/runs.py, stages/status.py): a training change
+leaves them valid results of their commit, visible as such in every table, never averaged with runs
+of other code, and a run whose lock matches no commit it could have run at is refused."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from fmvae import runs
+
+ROOT = Path(__file__).resolve().parent.parent
+STATUS = [sys.executable, "stages/status.py"]
+
+
+def shallow() -> bool:
+    return runs.git("rev-parse", "--is-shallow-repository") == "true"
+
+
+pytestmark = pytest.mark.skipif(shallow(), reason="a shallow clone lacks the commits the runs name")
+
+
+def read(table: runs.RunTable) -> pd.DataFrame:
+    return pd.read_csv(table.csv)
+
+
+@pytest.mark.parametrize("table", runs.run_tables(), ids=lambda t: t.stem)
+def test_each_table_s_code_column_says_whose_code_its_runs_ran(table):
+    """The committed `code` column equals what the copied files say now (after a training commit:
+    `python stages/status.py --write`), and every run in it names an ancestor whose sources its lock
+    records (run_code refuses any other)."""
+    committed = read(table)
+    fresh = runs.with_code_column(table, committed)
+    assert "code" in committed.columns, f"reports/{table.stem}.csv has no code column: python stages/status.py --write"
+    assert committed["code"].fillna("").tolist() == fresh["code"].fillna("").tolist(), \
+        f"reports/{table.stem}: stale code column; python stages/status.py --write"
+
+
+def copy_run(tmp_path: Path, name: str = "celeba_cpu") -> Path:
+    folder = tmp_path / name
+    shutil.copytree(ROOT / "reports/celeba" / name, folder)
+    return folder
+
+
+def test_a_run_whose_lock_matches_neither_its_commit_nor_head_is_refused(tmp_path):
+    folder = copy_run(tmp_path)
+    code = runs.run_code(folder)  # as committed: accepted
+    lock = yaml.safe_load((folder / "dvc.lock").read_text())
+    for stage in lock["stages"].values():
+        for dep in stage.get("deps", []):
+            if dep["path"] == "fmvae/prior.py":
+                dep["md5"] = "0" * 32  # the run says it ran on another prior.py than its commit's (or HEAD's)
+    (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
+    with pytest.raises(runs.RunCodeError, match=f"does not match the sources at its commit {code.commit[:7]}: "
+                                                r"fmvae/prior.py"):
+        runs.run_code(folder)
+
+
+def test_a_run_naming_no_commit_or_one_head_does_not_descend_from_is_refused(tmp_path):
+    folder = copy_run(tmp_path)
+    prov = json.loads((folder / "provenance.json").read_text())
+    (folder / "provenance.json").write_text(json.dumps(prov | {"git_commit": "e" * 40}))
+    with pytest.raises(runs.RunCodeError, match="not an ancestor of HEAD"):
+        runs.run_code(folder)
+    (folder / "provenance.json").unlink()
+    with pytest.raises(runs.RunCodeError, match="names no commit"):
+        runs.run_code(folder)
+    # --assign's search finds the newest ancestor whose sources match the lock: one run_code accepts
+    found = runs.newest_matching_ancestor(folder / "dvc.lock")
+    (folder / "provenance.json").write_text(json.dumps({"code_commit": found}))
+    assert runs.run_code(folder).commit == found
+
+
+def test_a_table_never_averages_seeds_of_different_code(monkeypatch):
+    """The CelebA table's mean over its two seeds is refused when one seed's code is another's; its
+    variants (no mean) may mix code versions, each row saying its own."""
+    real = runs.run_code
+
+    def one_seed_older(folder, lock=None):
+        code = real(folder, lock)
+        return runs.RunCode(folder, "abc1234" + "0" * 33, False) if folder.name == "celeba_cpu_seed1" else code
+
+    monkeypatch.setattr(runs, "run_code", one_seed_older)
+    with pytest.raises(runs.RunCodeError, match="refusing to average runs of different code: HEAD, abc1234"):
+        runs.with_code_column(runs.CELEBA_TABLE, read(runs.CELEBA_TABLE))
+    variants = read(runs.CELEBA_VARIANTS).iloc[:3].assign(run="celeba_cpu_seed1")
+    assert set(runs.with_code_column(runs.CELEBA_VARIANTS, pd.concat([read(runs.CELEBA_VARIANTS), variants]))["code"]) \
+        == {"HEAD", "abc1234"}
+
+
+def run_in(clone: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(clone))  # the clone's fmvae, not the installed checkout's
+    return subprocess.run(list(cmd), cwd=clone, env=env, capture_output=True, text=True)
+
+
+def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
+    """A scratch commit in a clone edits a comment in fmvae/prior.py (a training source). There the
+    default pipeline's lock test fails (dvc.lock must be HEAD's), every other committed run still
+    passes its own test, the code columns are stale until `stages/status.py --write` rewrites them
+    with each run's commit, and `stages/status.py` names every run with the commands that rerun it."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    prior = clone / "fmvae/prior.py"
+    prior.write_text(prior.read_text().replace("(sections 2.1-2.6).", "(sections 2.1 to 2.6).", 1))
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "scratch: a comment"],
+                   cwd=clone, check=True)
+    pytest_in_clone = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "-q", "--no-header"]
+    lock = run_in(clone, *pytest_in_clone, "tests/test_trust.py::test_the_committed_lock_records_the_code_at_hand")
+    assert lock.returncode == 1 and "fmvae/prior.py changed since it ran" in lock.stdout, lock.stdout[-2000:]
+    own = run_in(clone, *pytest_in_clone, "tests/test_trust.py", "-k",
+                 "mnist_table or celeba_table or default_runs_table")
+    assert own.returncode == 0 and "3 passed" in own.stdout, own.stdout[-3000:]
+    stale = run_in(clone, *pytest_in_clone, "tests/test_runs.py", "-k", "code_column")
+    assert stale.returncode == 1 and "stale code column" in stale.stdout, stale.stdout[-2000:]
+    listed = run_in(clone, *STATUS)
+    assert listed.returncode == 0, listed.stderr
+    for table in runs.run_tables():
+        for value in read(table)[table.key]:
+            name = table.run_name(value)
+            if name is not None:
+                commit = runs.run_code(*table.files(name)).commit[:7]
+                assert f"reports/{table.stem}: {name} ran on code {commit}; rerun: " in listed.stdout, (name, listed.stdout)
+    assert "python stages/preset.py celeba_cpu -n celeba_cpu_seed1 -S seed=1 && python stages/celeba_table.py" \
+        in listed.stdout
+    written = run_in(clone, *STATUS, "--write")
+    assert written.returncode == 0, written.stderr
+    fresh = run_in(clone, *pytest_in_clone, "tests/test_runs.py", "-k", "code_column")
+    assert fresh.returncode == 0, fresh.stdout[-2000:]
+    celeba = pd.read_csv(clone / "reports/celeba_table.csv")
+    assert set(celeba["code"]) == {runs.run_code(ROOT / "reports/celeba/celeba_cpu").commit[:7]}
