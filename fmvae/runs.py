@@ -86,11 +86,12 @@ def training_sources_at_head() -> set[str]:
 class RunCode:
     folder: Path
     commit: str       # the commit the run ran at (its sources are the lock's)
+    version: str      # the newest commit with the run's sources: one name for that code, whatever commit ran it
     is_head: bool     # its training sources equal HEAD's
 
     @property
     def label(self) -> str:
-        return "HEAD" if self.is_head else self.commit[:7]
+        return "HEAD" if self.is_head else self.version[:7]
 
 
 def recorded_commit(folder: Path) -> str | None:
@@ -122,9 +123,8 @@ def run_code(folder: Path, lock_file: Path | None = None) -> RunCode:
     if bad:
         raise RunCodeError(f"{folder}: its dvc.lock does not match the sources at its commit {full[:7]}: "
                            f"{', '.join(bad)}")
-    now = head()
-    same = not mismatches(deps, now) and training_sources_at_head() <= covered(deps)
-    return RunCode(folder, full, same)
+    version = code_version(deps)
+    return RunCode(folder, full, version, version == head() and training_sources_at_head() <= covered(deps))
 
 
 def covered(deps: dict[str, str]) -> set[str]:
@@ -136,11 +136,20 @@ def covered(deps: dict[str, str]) -> set[str]:
     return out
 
 
-def newest_matching_ancestor(lock_file: Path, before: str = "HEAD") -> str | None:
-    """The newest commit reachable from `before` whose sources match the lock's code deps (for a run
-    that names no usable commit); None if there is none."""
-    deps = code_deps(yaml.safe_load(lock_file.read_text()))
-    return next((c for c in git("rev-list", before).splitlines() if not mismatches(deps, c)), None)
+def code_version(deps: dict[str, str]) -> str | None:
+    """The newest commit reachable from HEAD whose sources are the deps' (None if none is): the commit
+    before the next one that changed any of them, HEAD if none did. Runs of one code version get one
+    name even when they ran at different commits."""
+    touching = git("rev-list", "HEAD", "--", *sorted(deps)).splitlines()  # newest first
+    for i, commit in enumerate(touching):
+        if not mismatches(deps, commit):
+            return head() if i == 0 else git("rev-parse", f"{touching[i - 1]}^")
+    return None
+
+
+def newest_matching_ancestor(lock_file: Path) -> str | None:
+    """For a run that names no usable commit: the newest ancestor whose sources match its lock."""
+    return code_version(code_deps(yaml.safe_load(lock_file.read_text())))
 
 
 def same_code(labels) -> str:

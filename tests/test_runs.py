@@ -83,7 +83,8 @@ def test_a_table_never_averages_seeds_of_different_code(monkeypatch):
 
     def one_seed_older(folder, lock=None):
         code = real(folder, lock)
-        return runs.RunCode(folder, "abc1234" + "0" * 33, False) if folder.name == "celeba_cpu_seed1" else code
+        older = "abc1234" + "0" * 33
+        return runs.RunCode(folder, older, older, False) if folder.name == "celeba_cpu_seed1" else code
 
     monkeypatch.setattr(runs, "run_code", one_seed_older)
     with pytest.raises(runs.RunCodeError, match="refusing to average runs of different code: HEAD, abc1234"):
@@ -119,12 +120,12 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
     assert stale.returncode == 1 and "stale code column" in stale.stdout, stale.stdout[-2000:]
     listed = run_in(clone, *STATUS)
     assert listed.returncode == 0, listed.stderr
+    before = runs.head()[:7]  # the newest commit with the runs' sources: the clone's HEAD^
     for table in runs.run_tables():
         for value in read(table)[table.key]:
             name = table.run_name(value)
             if name is not None:
-                commit = runs.run_code(*table.files(name)).commit[:7]
-                assert f"reports/{table.stem}: {name} ran on code {commit}; rerun: " in listed.stdout, (name, listed.stdout)
+                assert f"reports/{table.stem}: {name} ran on code {before}; rerun: " in listed.stdout, (name, listed.stdout)
     assert "python stages/preset.py celeba_cpu -n celeba_cpu_seed1 -S seed=1 && python stages/celeba_table.py" \
         in listed.stdout
     written = run_in(clone, *STATUS, "--write")
@@ -132,4 +133,4 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
     fresh = run_in(clone, *pytest_in_clone, "tests/test_runs.py", "-k", "code_column")
     assert fresh.returncode == 0, fresh.stdout[-2000:]
     celeba = pd.read_csv(clone / "reports/celeba_table.csv")
-    assert set(celeba["code"]) == {runs.run_code(ROOT / "reports/celeba/celeba_cpu").commit[:7]}
+    assert set(celeba["code"]) == {before}
