@@ -32,7 +32,7 @@ TABLE_SCRIPTS = {"default": "stages/seeds_table.py", "mnist": "stages/semi_table
 
 def read(table: runs.RunTable) -> pd.DataFrame:
     """The committed csv with its whole-number columns as integers again (as the scripts wrote them)."""
-    df = pd.read_csv(table.csv)
+    df = pd.read_csv(table.csv, dtype={"code": str})  # a short commit of digits (or 1e23...) is no number
     for col in df.columns:
         values = df[col].dropna()
         if df[col].dtype == float and len(values) and (values == values.round()).all():

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(shallow(), reason="a shallow clone lacks the com
 
 
 def read(table: runs.RunTable) -> pd.DataFrame:
-    return pd.read_csv(table.csv)
+    return pd.read_csv(table.csv, dtype={"code": str})
 
 
 @pytest.mark.parametrize("table", runs.run_tables(), ids=lambda t: t.stem)
@@ -132,5 +132,5 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
     assert written.returncode == 0, written.stderr
     fresh = run_in(clone, *pytest_in_clone, "tests/test_runs.py", "-k", "code_column")
     assert fresh.returncode == 0, fresh.stdout[-2000:]
-    celeba = pd.read_csv(clone / "reports/celeba_table.csv")
+    celeba = pd.read_csv(clone / "reports/celeba_table.csv", dtype={"code": str})
     assert set(celeba["code"]) == {before}
