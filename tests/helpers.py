@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,3 +63,19 @@ def run(cmd, cwd, check=True, env_extra=None, **kw) -> subprocess.CompletedProce
     if check and res.returncode != 0:
         raise AssertionError(f"{cmd} exited {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
+
+
+class ReorderedLinear(torch.autograd.Function):
+    """x W^T + b whose weight and bias gradients sum the batch in reverse order: the same numbers,
+    accumulated in the order another CPU's matrix kernel may choose."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        g, xs = grad.flip(0), x.flip(0)
+        return grad @ weight, g.T @ xs, g.sum(0)

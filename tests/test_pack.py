@@ -8,6 +8,7 @@ from fmvae.data import factorial_vectors
 from fmvae.evaluate import evaluate_bound
 from fmvae.model import FMVAE
 import fmvae.pack as pack_module
+from helpers import ReorderedLinear
 from fmvae.pack import PackedModel, train_pack
 from fmvae.step import NumericalError, TrainData
 from fmvae.train import TrainConfig, joint_train, pretrain
@@ -188,22 +189,6 @@ def test_a_trial_alone_resumes_from_a_pack_member_s_checkpoint(tmp_path):
         assert torch.allclose(v.double(), w.double(), rtol=1e-4, atol=1e-6), k
 
 
-class _ReorderedLinear(torch.autograd.Function):
-    """x W^T + b whose weight and bias gradients sum the batch in reverse order: the same numbers,
-    accumulated in the order another CPU's matrix kernel may choose."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        return torch.nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        g, xs = grad.flip(0), x.flip(0)
-        return grad @ weight, g.T @ xs, g.sum(0)
-
-
 def test_the_cross_path_tolerance_absorbs_another_summation_order_and_nothing_more(monkeypatch):
     """What the AMD host's kernels did to a pack member, made to happen on any host: every Linear
     layer's weight gradient summed over the batch in reverse order. Over 200 joint steps the curve
@@ -211,7 +196,7 @@ def test_the_cross_path_tolerance_absorbs_another_summation_order_and_nothing_mo
     10% larger (a real change, smaller than any a user makes) does not."""
     straight = joint_train(member_models()[3], DATA, config(3))
     changed = joint_train(member_models()[3], DATA, config(3, lr=1.1e-3))
-    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: _ReorderedLinear.apply(x, self.weight, self.bias))
+    monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, x: ReorderedLinear.apply(x, self.weight, self.bias))
     reordered = joint_train(member_models()[3], DATA, config(3))
     assert reordered != straight  # the order shows in the bits ...
     assert_same_curves(reordered, straight, rel=CROSS_PATH_REL)  # ... and not beyond the tolerance
