@@ -8,10 +8,19 @@
     fmvae.step        how an iteration runs (eager, compiled, CUDA graph) and the loop: checkpoints, resume
     fmvae.evaluate    test bound, accuracies
     fmvae.data        data sets, downloads and the local mirror
-    fmvae.config      params.yaml schema and validation
+    fmvae.params      params.yaml: loading and validation against fmvae.schema
+    fmvae.config      what the training stages share: device, model, TrainConfig, the code digest
+    fmvae.runs        committed runs and the commit whose code made them
 """
-from .model import FMVAE
-from .prior import FactorialMixturePrior, Hyperprior
-
 __all__ = ["FMVAE", "FactorialMixturePrior", "Hyperprior"]
 __version__ = "0.1.0"
+_HOME = {"FMVAE": "model", "FactorialMixturePrior": "prior", "Hyperprior": "prior"}
+
+
+def __getattr__(name: str):
+    """`from fmvae import FMVAE` loads fmvae.model on first use (PEP 562), so that `import fmvae.data`
+    (the download stage, the table scripts) loads no training code and depends on none."""
+    if name in _HOME:
+        import importlib
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'fmvae' has no attribute {name!r}")

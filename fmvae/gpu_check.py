@@ -42,6 +42,7 @@ import yaml
 
 from . import bench, config, data as data_mod, evaluate as ev
 from .checkpoint import atomic_write_json, atomic_write_text
+from .params import validate
 from .pipeline import write_curve
 from .schema import ORDERS
 from .step import TrainData
@@ -219,7 +220,7 @@ def celeba_check(args, device, out: Path, t_start: float) -> dict:
     """The CelebA part (--celeba DIR): see the module's docstring."""
     from . import report
     from .celeba_report import property_scores
-    params = config.validate(yaml.safe_load(CELEBA_PRESET.read_text()) | {"data": {"name": "celeba", "partial": True}})
+    params = validate(yaml.safe_load(CELEBA_PRESET.read_text()) | {"data": {"name": "celeba", "partial": True}})
     t = time.perf_counter()
     ds = data_mod.load("celeba", Path(args.celeba), params["seed"], partial=True)
     log(f"celeba: {len(ds.x_train)} training, {len(ds.x_test)} test images decoded in {time.perf_counter() - t:.0f} s "
@@ -340,7 +341,7 @@ def figure3_check(args, device, out: Path, t_start: float) -> dict:
     flags = bench.MODES[mode]
     rows, runs = [], [(d, s) for d in datasets for s in args.seeds]
     for n, (dataset, seed) in enumerate(runs):
-        params = config.validate(yaml.safe_load(FIGURE3_PRESETS[dataset].read_text()) | {"seed": seed})
+        params = validate(yaml.safe_load(FIGURE3_PRESETS[dataset].read_text()) | {"seed": seed})
         ds = data_mod.load(dataset, Path(folders[dataset]), seed, "characters", False)
         if args.tiny:
             ds.x_train, ds.x_test = ds.x_train[:512], ds.x_test[:256]
@@ -500,7 +501,7 @@ def main(argv=None) -> dict:
     if args.figure3:
         return figure3_check(args, device, out, t_start)
 
-    params = config.validate(yaml.safe_load(PRESET.read_text()))
+    params = validate(yaml.safe_load(PRESET.read_text()))
     ds = data_mod.load("binarized_mnist", folder, params["seed"])
     if args.tiny:
         ds.x_train, ds.x_test = ds.x_train[:512], ds.x_test[:256]

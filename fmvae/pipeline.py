@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from . import config, data as data_mod, evaluate as ev
+from .data.prepared import load_data
 from .checkpoint import CheckpointDir, atomic_write_json, atomic_write_text, load_checked, provenance, save_checked
 from .data import sha256_file
 from .model import FMVAE
@@ -23,26 +24,6 @@ from .step import TrainData
 from .train import TrainConfig, init_prior, joint_train, pretrain
 
 PHASES = {"pretrain": pretrain, "prior_init": init_prior, "joint": joint_train}
-
-
-def prepare_data(params: dict, out: Path) -> data_mod.Dataset:
-    """download stage: fetch (mirror or canonical address), check, save compact tensors."""
-    d = params["data"]
-    folder = data_mod.fetch(d["name"], d["raw_dir"], d["mirror"] or None)
-    ds = data_mod.load(d["name"], folder, params["seed"], d["omniglot_split"], d["partial"])
-    config.check_against_data(params, ds)
-    data_mod.save_prepared(ds, out)
-    print(f"download: {ds.name}: train {tuple(ds.x_train.shape)}, test {tuple(ds.x_test.shape)} -> {out}")
-    return ds
-
-
-def load_data(params: dict, path: Path) -> data_mod.Dataset:
-    ds = data_mod.load_prepared(path)
-    if ds.name != params["data"]["name"]:
-        raise config.ParamError(f"data.name: {path} holds {ds.name!r}, params ask for {params['data']['name']!r}; "
-                                "rerun the download stage")
-    config.check_against_data(params, ds)
-    return ds
 
 
 def save_model(model: FMVAE, path: Path, params: dict, history: list[dict], with_prior: bool = True) -> None:
@@ -62,6 +43,12 @@ def load_model(params: dict, ds: data_mod.Dataset, path: Path, dev: torch.device
     if saved["model"]["prior"] is not None:
         model.prior.load_state_dict(saved["model"]["prior"])
     return model.to(dev)
+
+
+def load_trained(params: dict, data_path: Path, model_path: Path) -> tuple[data_mod.Dataset, FMVAE]:
+    """The prepared data and the trained model on params' device, for the stages after training."""
+    ds = load_data(params, data_path)
+    return ds, load_model(params, ds, model_path, config.device(params))
 
 
 def write_curve(history: list[dict], path: Path) -> None:
@@ -226,26 +213,3 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
         atomic_write_json(metrics_out, metrics)
     print("evaluate: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     return metrics | details
-
-
-def plot_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path, curves: list[Path]) -> list[Path]:
-    """The trained model's figures (fmvae.plots.model_figures): loaded here, drawn there, so that a new
-    figure changes fmvae/plots.py alone and retrains nothing (config.training_sources)."""
-    from . import plots
-    dev = config.device(params)
-    ds = load_data(params, data_path)
-    model = load_model(params, ds, model_path, dev)
-    torch.manual_seed(params["seed"])
-    written = plots.model_figures(model, ds, params, out_dir, curves)
-    print("plot: " + ", ".join(str(w) for w in written))
-    return written
-
-
-def properties_stage(params: dict, data_path: Path, model_path: Path, out_dir: Path):
-    """The per-property table of a semi-supervised model (fmvae.report.property_reports): loaded here,
-    computed there, for the same reason as plot_stage."""
-    from . import report
-    dev = config.device(params)
-    ds = load_data(params, data_path)
-    model = load_model(params, ds, model_path, dev)
-    return report.property_reports(model, ds, params, out_dir, dev)

@@ -106,8 +106,9 @@ def recorded_commit(folder: Path) -> str | None:
 
 def run_code(folder: Path, lock_file: Path | None = None) -> RunCode:
     """Check a committed run and say whose code it is. The lock (folder/dvc.lock unless given) must
-    match the sources at the commit the run names, which must be an ancestor of HEAD; a run that
-    names none, or one whose commit does not match, is refused (RunCodeError)."""
+    match the sources at the commit the run names, which must be an ancestor of HEAD, or else HEAD's
+    (a lock recorded anew after a change the golden run shows neutral); a run that names no commit,
+    or whose lock matches neither, is refused (RunCodeError)."""
     lock = yaml.safe_load((lock_file or folder / "dvc.lock").read_text())
     deps = code_deps(lock)
     if not deps:
@@ -120,9 +121,11 @@ def run_code(folder: Path, lock_file: Path | None = None) -> RunCode:
     if not full or not is_ancestor(full):
         raise RunCodeError(f"{folder}: its commit {commit[:7]} is not an ancestor of HEAD")
     bad = mismatches(deps, full)
-    if bad:
-        raise RunCodeError(f"{folder}: its dvc.lock does not match the sources at its commit {full[:7]}: "
-                           f"{', '.join(bad)}")
+    if bad and mismatches(deps, head()):
+        raise RunCodeError(f"{folder}: its dvc.lock matches neither the sources at its commit {full[:7]} nor "
+                           f"HEAD's: {', '.join(bad)}")
+    if bad:  # its lock was brought to HEAD's sources since (golden.py --relock: a change shown neutral)
+        full = head()
     version = code_version(deps)
     return RunCode(folder, full, version, version == head() and training_sources_at_head() <= covered(deps))
 
@@ -197,9 +200,8 @@ class RunTable:
     def averaged(self, df):
         """Boolean mask of the run rows its summary rows average."""
         is_run = df[self.key].map(lambda v: self.run_name(v) is not None)
-        if self.kind == "default":  # seeds_table.summary: the first row's thread count, no changed params
-            unchanged = df["changed"].fillna("") == ""
-            return is_run & (df["torch_threads"] == df.loc[is_run.idxmax(), "torch_threads"]) & unchanged
+        if "in_mean" in df:  # seeds_table marks the seeds its mean takes (one thread count, one code)
+            return is_run & df["in_mean"].fillna(False).astype(bool)
         return is_run
 
 

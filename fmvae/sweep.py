@@ -42,11 +42,12 @@ from .checkpoint import CorruptCheckpoint, load_checked, provenance
 from .config import code_digest
 from .data import sha256_file
 from .pack import train_pack
-from .pipeline import (evaluate_stage, finish_phase, load_data, load_model, prepare_data, prepare_phase,
-                       train_stage)
+from .data.prepared import load_data, prepare_data
+from .params import ParamError, validate
+from .pipeline import evaluate_stage, finish_phase, load_model, prepare_phase, train_stage
 from .report import RESULT_COLUMNS, TRIAL_REPORT
 
-# the params a trial reads (config.validate fills every key, so each of these is always present)
+# the params a trial reads (validate fills every key, so each of these is always present)
 TRIAL_SECTIONS = ("seed", "device", "data.name", "data.omniglot_split", "data.partial", "model", "train", "pretrain", "prior_init", "svi", "joint", "semi",
                   "evaluate")
 # the subset pre-training reads: trials that agree on these share one pre-trained model
@@ -111,7 +112,7 @@ def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
             p[phase]["iters"] = params["sweep"]["iters"][phase]
     p["evaluate"]["iw_samples"] = 0  # a trial reports the bound (11) and its parts; IWAE is not part of Figure 3
     p["joint"]["snapshots"] = 0  # nor the spread over the last snapshots (a trial would keep 2 models per snapshot)
-    return config.validate({k: v for k, v in p.items() if k != "sweep"} | {"sweep": params["sweep"]})
+    return validate({k: v for k, v in p.items() if k != "sweep"} | {"sweep": params["sweep"]})
 
 
 class Storage:
@@ -511,7 +512,7 @@ def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_
             storage.publish(local, key)
     connect(address)
     if s["gpus_per_trial"] > 0 and ray.cluster_resources().get("GPU", 0) == 0:
-        raise config.ParamError(f"sweep.gpus_per_trial: {s['gpus_per_trial']} but the Ray cluster has no GPU "
+        raise ParamError(f"sweep.gpus_per_trial: {s['gpus_per_trial']} but the Ray cluster has no GPU "
                                 "(trials would wait forever); set it to 0 to run on CPUs")
     resources = {"cpu": s["cpus_per_trial"], "gpu": s["gpus_per_trial"]}
     start = time.time()

@@ -6,9 +6,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fmvae.checkpoint import CorruptCheckpoint  # noqa: E402
-from fmvae.config import ParamError, load_params  # noqa: E402
 from fmvae.data import DataError  # noqa: E402
-from fmvae.step import NumericalError  # noqa: E402
+from fmvae.params import ParamError, load_params  # noqa: E402
 
 DATA = ROOT / "data" / "prepared" / "dataset.pt"
 MODELS = ROOT / "models"
@@ -19,8 +18,10 @@ CURVES = REPORTS / "curves"
 
 def main(stage, sweep_file=None) -> None:
     """Run stage(params) with params.yaml validated first (its `sweep:` section replaced by
-    sweep_file's when given); bad input exits 1 with one clear line."""
+    sweep_file's when given); bad input exits 1 with one clear line, and so does a training stage stopped
+    by a non-finite term (fmvae.step.NumericalError, caught as the FloatingPointError it is, so that this
+    module, which every stage imports, imports no training code)."""
     try:
         stage(load_params(ROOT / "params.yaml", sweep_file=sweep_file))
-    except (ParamError, DataError, CorruptCheckpoint, NumericalError, FileNotFoundError) as err:
+    except (ParamError, DataError, CorruptCheckpoint, FloatingPointError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")

@@ -41,7 +41,7 @@ from semi_table import full_rev, show
 
 from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, pipeline, runs
 from fmvae.checkpoint import atomic_write_bytes, atomic_write_text
-from fmvae.config import _flatten
+from fmvae.params import flatten
 from fmvae.report import PAPER_CELEBA, train_judge, write_table
 
 matplotlib.use("Agg")
@@ -62,7 +62,7 @@ def load_run(rev: str, params: dict, work: Path):
 
 def differences(params: dict, reference: dict) -> dict:
     """The run's params that differ from the reference run's, the seed aside."""
-    used, base = _flatten(params), _flatten(reference)
+    used, base = flatten(params), flatten(reference)
     return {k: v for k, v in used.items() if k != "seed" and v != base.get(k)}
 
 

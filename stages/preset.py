@@ -19,12 +19,12 @@ import sys
 import yaml
 from _common import ROOT
 
-from fmvae.config import ParamError, _flatten, validate
+from fmvae.params import ParamError, flatten, validate
 
 
 def overrides(preset: dict) -> list[str]:
     """-S arguments, one per key; values in YAML/JSON syntax, which DVC parses back to their types."""
-    return [f"{key}={json.dumps(value)}" for key, value in _flatten(preset).items()]
+    return [f"{key}={json.dumps(value)}" for key, value in flatten(preset).items()]
 
 
 def command(name: str, extra: list[str]) -> list[str]:

@@ -31,7 +31,7 @@ from semi_table import full_rev, show
 
 from fmvae import runs as committed_runs
 from fmvae.checkpoint import atomic_write_bytes
-from fmvae.config import _flatten
+from fmvae.params import flatten
 from fmvae.report import write_table
 
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json"]
@@ -40,7 +40,7 @@ WORKSPACE = "dvc repro (workspace)"
 
 def changed(params: dict, default: dict) -> str:
     """The params (other than the seed) a run set differently from params.yaml, as key=value."""
-    run, base = _flatten(params), _flatten(default)
+    run, base = flatten(params), flatten(default)
     return ", ".join(f"{k}={run.get(k)}" for k in sorted(run.keys() | base.keys())
                      if k != "seed" and run.get(k) != base.get(k))
 
@@ -69,16 +69,31 @@ def detrended_spread(steps, bounds):
 
 
 def experiment_files(name: str) -> dict:
-    rev = full_rev(name)
+    """The run's files from its experiment's commit, copied to reports/default_runs/<name>/; where this
+    clone has no such experiment, the copies already there (a table refreshed after a training commit)."""
+    folder = REPORTS / "default_runs" / name
+    try:
+        rev = full_rev(name)
+    except SystemExit:
+        if not folder.is_dir():
+            raise
+        print(f"{name}: no experiment of that name here; reading its copies in {folder.relative_to(ROOT)}")
+        return {path: (folder / path.split("/")[-1]).read_bytes() for path in COPIED}
     files = {path: show(rev, path) for path in COPIED}
     for path, data in files.items():
-        atomic_write_bytes(REPORTS / "default_runs" / name / path.split("/")[-1], data)
+        atomic_write_bytes(folder / path.split("/")[-1], data)
     return files
 
 
 def summary(runs: pd.DataFrame, threads: int) -> list[dict]:
-    """Mean, min and max over the seeds run with `threads` threads (the first run of each seed)."""
-    seeds = runs[(runs["torch_threads"] == threads) & (runs["changed"] == "")].drop_duplicates("seed")
+    """Mean, min and max over the seeds run with `threads` threads and no other change (the first run of
+    each seed), of one code version: the one most of them ran (a tie: the first run's). The rows averaged
+    are marked in_mean; a seed of another code stays in the table, outside the mean."""
+    candidates = runs[(runs["torch_threads"] == threads) & (runs["changed"] == "")].drop_duplicates("seed")
+    counts = candidates["code"].value_counts()
+    code = candidates["code"].iloc[0] if (counts == counts.max()).sum() > 1 else counts.idxmax()
+    seeds = candidates[candidates["code"] == code]
+    runs["in_mean"] = runs.index.isin(seeds.index)
     cols = ["test_elbo", "iwae", "recon", "kl_z", "kl_r", "spread_averaged", "spread_last_iterate",
             "spread_averaged_about_trend", "spread_last_iterate_about_trend"]
     label = f"over seeds {', '.join(map(str, sorted(seeds['seed'])))} ({threads} thread{'s' * (threads > 1)})"
@@ -99,6 +114,7 @@ if __name__ == "__main__":
         if (r.run in args.variant) != bool(r.changed):
             raise SystemExit(f"error: experiment {r.run!r} changed {r.changed or 'only the seed'}; "
                              f"pass it as {'--variant' if r.changed else '--run'}")
+    runs = committed_runs.with_code_column(committed_runs.DEFAULT_RUNS, runs)  # each run's code: HEAD or a commit
     threads = int(runs.loc[0, "torch_threads"])
     table = pd.concat([runs, pd.DataFrame(summary(runs, threads))], ignore_index=True)
     table[["seed", "torch_threads"]] = table[["seed", "torch_threads"]].astype("Int64")

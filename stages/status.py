@@ -22,7 +22,7 @@ from _common import ROOT
 
 from fmvae import runs
 from fmvae.checkpoint import atomic_write_json
-from fmvae.config import _flatten, validate
+from fmvae.params import flatten, validate
 from fmvae.report import write_table
 
 PRESETS = {"mnist": "mnist_semi", "celeba": "celeba_cpu"}
@@ -47,10 +47,10 @@ def experiment_command(table: runs.RunTable, name: str) -> str:
         return "dvc repro sweep/dvc.yaml"
     if table.kind == "default" and name.startswith("dvc repro"):
         return "dvc repro"
-    used = _flatten(yaml.safe_load((folder / "params.yaml").read_text()))
+    used = flatten(yaml.safe_load((folder / "params.yaml").read_text()))
     preset = PRESETS.get(table.kind)
     stated = yaml.safe_load((ROOT / "presets" / f"{preset}.yaml").read_text()) if preset else {}
-    base = _flatten(validate(stated))
+    base = flatten(validate(stated))
     sets = [f"-S {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in used.items() if base.get(k) != v]
     threads = json.loads((folder / "provenance.json").read_text()).get("host", {}).get("torch_threads") \
         if (folder / "provenance.json").exists() else None
@@ -90,8 +90,9 @@ def stale() -> list[str]:
             seen.add(name)
             code = runs.run_code(*table.files(name))
             if not code.is_head:
-                lines.append(f"reports/{table.stem}: {name} ran on code {code.label}; rerun: "
-                             f"{experiment_command(table, name)} && {table_command(table, df)}")
+                rerun = experiment_command(table, name)
+                rerun += "" if table.kind == "sweep" else f" && {table_command(table, df)}"
+                lines.append(f"reports/{table.stem}: {name} ran on code {code.label}; rerun: {rerun}")
     return lines
 
 

@@ -3,9 +3,10 @@ of the last iterates, not from wherever the last optimiser step happened to land
 import pytest
 import torch
 
-from fmvae import config
 from fmvae.checkpoint import CheckpointDir, load_checked
-from fmvae.pipeline import evaluate_stage, load_data, load_model, prepare_data, train_stage
+from fmvae.data.prepared import load_data, prepare_data
+from fmvae.params import validate
+from fmvae.pipeline import evaluate_stage, load_model, train_stage
 from fmvae.data import factorial_vectors
 from fmvae.evaluate import evaluate_bound
 from fmvae.model import FMVAE
@@ -31,7 +32,7 @@ def test_the_average_follows_its_recursion_with_a_warm_up():
 
 
 def run_tiny(folder, **sections):
-    p = config.validate(tiny_params(**sections))
+    p = validate(tiny_params(**sections))
     data = folder / "data.pt"
     prepare_data(p, data)
     train_stage("pretrain", p, data, None, folder / "pretrain.pt", folder / "ckpt-pretrain")

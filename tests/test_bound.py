@@ -129,6 +129,7 @@ def test_network_sizes_are_the_paper_s_and_celeba_s_width_setting():
     model.channels [32, 64, 128, 256]; a saved model of other widths is refused naming the key."""
     import pytest
     from fmvae import config
+    from fmvae.params import ParamError, validate
     from fmvae.nets import count_parameters
     size = lambda m: count_parameters(m.encoder) + count_parameters(m.decoder)
     assert size(FMVAE("conv28", (1, 28, 28), 16, 64)) == 567745
@@ -137,8 +138,8 @@ def test_network_sizes_are_the_paper_s_and_celeba_s_width_setting():
     assert size(narrow) == 4714342
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     assert narrow.bound(x).elbo.shape == (2,) and narrow.decode_mean(torch.zeros(2, 320)).shape == (2, 3, 64, 64)
-    with pytest.raises(config.ParamError, match="model.channels"):
+    with pytest.raises(ParamError, match="model.channels"):
         config.check_model_config(config.model_config(narrow), FMVAE("conv64", (3, 64, 64), [2, 2, 2, 64, 64], 64),
                                   "joint.pt")
-    with pytest.raises(config.ParamError, match="model.channels"):
-        config.validate({"model": {"channels": [8, 16]}})  # binarised MNIST's conv28 takes no widths
+    with pytest.raises(ParamError, match="model.channels"):
+        validate({"model": {"channels": [8, 16]}})  # binarised MNIST's conv28 takes no widths

@@ -187,7 +187,7 @@ def test_bad_input_leaves_existing_outputs_untouched(reference, tmp_path, change
 
 
 def test_unknown_key_lists_the_valid_ones(tmp_path):
-    from fmvae.config import ParamError, validate
+    from fmvae.params import ParamError, validate
     with pytest.raises(ParamError, match="valid keys: .*model.K"):
         validate({"zzz": 1})
 

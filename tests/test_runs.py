@@ -56,8 +56,8 @@ def test_a_run_whose_lock_matches_neither_its_commit_nor_head_is_refused(tmp_pat
             if dep["path"] == "fmvae/prior.py":
                 dep["md5"] = "0" * 32  # the run says it ran on another prior.py than its commit's (or HEAD's)
     (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
-    with pytest.raises(runs.RunCodeError, match=f"does not match the sources at its commit {code.commit[:7]}: "
-                                                r"fmvae/prior.py"):
+    with pytest.raises(runs.RunCodeError, match=f"matches neither the sources at its commit {code.commit[:7]} "
+                                                r"nor HEAD's: fmvae/prior.py"):
         runs.run_code(folder)
 
 

@@ -64,12 +64,13 @@ def test_the_shared_pre_training_is_reported_with_its_curve_and_its_model_s_test
     bound under N(0, I) recomputed here from the published model; pretraining_curves.csv its curve."""
     import torch
     from fmvae import config, pipeline, sweep
+    from fmvae.params import load_params
     root, _ = swept
     (row,) = pd.read_csv(root / "reports/sweep/pretraining.csv").itertuples()
     curve = pd.read_csv(root / "reports/sweep/pretraining_curves.csv")
     assert (row.dataset, row.seed, row.iters) == ("synthetic", 0, SWEEP["iters"]["pretrain"])
     assert curve["step"].max() == SWEEP["iters"]["pretrain"] and row.train_elbo_last == curve["elbo"].iloc[-1]
-    params = config.load_params(root / "params.yaml")
+    params = load_params(root / "params.yaml")
     p = sweep.trial_params(params, "synthetic", 2, 1, 0)
     (model_file,) = (root / "checkpoints/sweep/pretrain").glob(f"{row.pretrain}.pt")
     (data_file,) = (root / "checkpoints/sweep/data").glob("synthetic-*.pt")
@@ -186,7 +187,7 @@ def test_a_packed_trial_is_keyed_on_the_pack_s_code_and_size_and_a_trial_alone_i
     """Packed members train through fmvae/pack.py: a change there retrains them (and a trial alone,
     which never runs it, is kept); the pack size is in a packed member's key too."""
     from fmvae import sweep
-    from fmvae.config import validate
+    from fmvae.params import validate
     fp = lambda pack: sweep.trial_fingerprint(sweep.trial_params(validate({"sweep": {"pack": pack}}), "synthetic",
                                                                  2, 1, 0))
     alone, packed, packed8 = fp(1), fp(4), fp(8)
@@ -198,7 +199,7 @@ def test_a_packed_trial_is_keyed_on_the_pack_s_code_and_size_and_a_trial_alone_i
 def test_the_prepared_data_and_the_trials_are_keyed_on_the_data_params(tmp_path):
     """A sweep over Omniglot with the alphabet split neither reuses the data file prepared for the
     character split nor the trials trained on it; a trial's data are prepared with its own seed."""
-    from fmvae.config import validate
+    from fmvae.params import validate
     from fmvae.sweep import data_key, trial_fingerprint, trial_params
     base = validate({})
     other = validate({"data": {"omniglot_split": "alphabets"}})

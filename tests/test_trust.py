@@ -9,6 +9,8 @@ import pytest
 import yaml
 
 from fmvae import config, runs as committed_runs
+from fmvae.data.prepared import prepare_data
+from fmvae.params import ParamError, flatten, load_params, unflatten, validate
 from fmvae.schema import SCHEMA
 from fmvae.train import TRAIN_KEYS, TrainConfig
 
@@ -71,7 +73,7 @@ def test_train_config_defaults_are_the_schema_s():
 
 def test_params_yaml_states_exactly_the_schema_defaults():
     """params.yaml is the default profile and the schema holds its values: the two cannot drift."""
-    stated = config._flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    stated = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
     assert set(stated) == set(SCHEMA), set(stated) ^ set(SCHEMA)
     for key, value in stated.items():
         default = SCHEMA[key][0]
@@ -89,11 +91,11 @@ def _another_value(key: str, value):
 
 def test_train_config_takes_every_field_from_params():
     """Change each params key TrainConfig reads, one at a time: the phase that reads it sees it."""
-    base = config._flatten(config.validate({}))
+    base = flatten(validate({}))
     for field, key in TRAIN_KEYS.items():
         phase = {"pretrain": "pretrain", "prior_init": "prior_init"}.get(key.split(".")[0], "joint")
         new = _another_value(key, SCHEMA[key][0])
-        params = config.validate(config._unflatten(base | {key: new}))
+        params = validate(unflatten(base | {key: new}))
         assert getattr(config.train_config(params, phase), field) == new, (field, key)
 
 
@@ -101,9 +103,9 @@ def test_train_config_takes_every_field_from_params():
 def test_presets_override_schema_keys_only(preset):
     """A preset states the paper's values for some keys (validated like params.yaml); every key it
     leaves out comes from the schema, so a preset run and the default profile share one source."""
-    stated = config._flatten(yaml.safe_load(preset.read_text()))
+    stated = flatten(yaml.safe_load(preset.read_text()))
     assert set(stated) <= set(SCHEMA)
-    full = config._flatten(config.validate(config._unflatten(stated)))
+    full = flatten(validate(unflatten(stated)))
     assert all(full[k] == SCHEMA[k][0] for k in SCHEMA if k not in stated)
 
 
@@ -146,7 +148,7 @@ def test_readme_quotes_the_committed_metrics():
 def test_the_committed_sweep_s_params_file_is_valid_and_its_figures_are_declared():
     """sweep/params.yaml (the committed Figure 3's grid) passes the schema, and sweep/dvc.yaml's report
     stage declares exactly the files stages/report.py writes for its data sets, so none goes untracked."""
-    params = config.load_params(ROOT / "params.yaml", sweep_file=ROOT / "sweep/params.yaml")
+    params = load_params(ROOT / "params.yaml", sweep_file=ROOT / "sweep/params.yaml")
     spec = yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["stages"]["report"]
     declared = {next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"] + spec["plots"]}
     expected = {"reports/figure3.png", "reports/figure3_pretraining.png"} | \
@@ -158,11 +160,11 @@ def test_the_committed_sweep_s_params_file_is_valid_and_its_figures_are_declared
 def test_a_sweep_params_file_with_other_sections_is_refused(tmp_path):
     bad = tmp_path / "sweep.yaml"
     bad.write_text("sweep: {K: [2]}\njoint: {iters: 5}\n")
-    with pytest.raises(config.ParamError, match="only a `sweep:` section"):
-        config.load_params(ROOT / "params.yaml", sweep_file=bad)
+    with pytest.raises(ParamError, match="only a `sweep:` section"):
+        load_params(ROOT / "params.yaml", sweep_file=bad)
     bad.write_text("sweep: {data: [binarized_mnist, nope]}\n")
-    with pytest.raises(config.ParamError, match="sweep.data"):
-        config.load_params(ROOT / "params.yaml", sweep_file=bad)
+    with pytest.raises(ParamError, match="sweep.data"):
+        load_params(ROOT / "params.yaml", sweep_file=bad)
 
 
 def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch, capfd):
@@ -171,9 +173,9 @@ def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch, c
     expects of a stage whose code changed."""
     from fmvae import pipeline
     from helpers import TINY
-    params = config.validate(TINY)
+    params = validate(TINY)
     data = tmp_path / "data.pt"
-    pipeline.prepare_data(params, data)
+    prepare_data(params, data)
     ckpt = tmp_path / "ckpt"
     history = pipeline.train_stage("pretrain", params, data, None, tmp_path / "a.pt", ckpt)
     (first,) = ckpt.iterdir()
@@ -192,7 +194,6 @@ def test_the_committed_mnist_table_belongs_to_its_runs_the_preset_and_this_code(
     `mnist_semi` row was produced by presets/mnist_semi.yaml as it was at the run's commit; every run's
     dvc.lock records the sources of the commit it names; the README quotes the preset's row."""
     import pandas as pd
-    from fmvae.config import _flatten
     table = pd.read_csv(ROOT / "reports/mnist_table.csv")
     rows = {row.model.split("(")[1].split(",")[0]: row for row in table.itertuples() if row.model.startswith("fmvae (")}
     assert "mnist_semi" in rows and len(rows) >= 2
@@ -204,8 +205,8 @@ def test_the_committed_mnist_table_belongs_to_its_runs_the_preset_and_this_code(
             (props["acc_digit"], props["agreement_digit"], metrics["elbo"]), name
         code = assert_run_names_the_code_it_ran(run)
         if name == "mnist_semi":  # the preset as it was at the run's commit
-            preset = _flatten(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/mnist_semi.yaml")))
-            used = _flatten(yaml.safe_load((run / "params.yaml").read_text()))
+            preset = flatten(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/mnist_semi.yaml")))
+            used = flatten(yaml.safe_load((run / "params.yaml").read_text()))
             assert {k: used[k] for k in preset} == preset
     readme = (ROOT / "README.md").read_text()
     assert f"{rows['mnist_semi'].accuracy_argmax_q_r:.3f}" in readme
@@ -216,10 +217,9 @@ def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
     """reports/default_runs.csv (stages/seeds_table.py) quotes exactly the workspace's committed run
     and the runs copied to reports/default_runs/<name>/; each of those differs from params.yaml in the
     seed only, or in exactly the params its `changed` column names (a variant, left out of the
-    statistics), its dvc.lock recording the sources of the commit it names; the summary rows are the seeds'
-    statistics of its thread count; the README quotes the mean and the range of the test ELBO."""
+    statistics), its dvc.lock recording the sources of the commit it names; the summary rows are the
+    statistics of the seeds marked in_mean (one thread count, one code version); the README quotes the mean and the range of the test ELBO."""
     import pandas as pd
-    from fmvae.config import _flatten
     table = pd.read_csv(ROOT / "reports/default_runs.csv")
     runs = table[table["seed"].notna()]
     for r in runs.itertuples():
@@ -233,15 +233,15 @@ def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
             # its params against params.yaml as it was at the run's commit
             code = assert_run_names_the_code_it_ran(folder)
             default = yaml.safe_load(committed_runs.git("show", f"{code.commit}:params.yaml"))
-            params, base = (_flatten(yaml.safe_load((folder / "params.yaml").read_text())), _flatten(default))
+            params, base = (flatten(yaml.safe_load((folder / "params.yaml").read_text())), flatten(default))
             differs = {k for k in params.keys() | base.keys() if k != "seed" and params.get(k) != base.get(k)}
             named = {c.split("=")[0] for c in r.changed.split(", ")} if isinstance(r.changed, str) else set()
             assert differs == named, (r.run, differs, named)
     copied = {f.name for f in (ROOT / "reports/default_runs").iterdir() if f.is_dir()}
     assert copied == set(runs["run"]) - {r for r in runs["run"] if r.startswith("dvc repro")}  # none stale
-    threads = runs.iloc[0]["torch_threads"]
-    seeds = runs[(runs["torch_threads"] == threads) & runs["changed"].isna()].drop_duplicates("seed")
-    assert len(seeds) >= 3
+    seeds = runs[runs["in_mean"].astype(bool)]  # one thread count, no changed param, one code version
+    assert len(seeds) >= 2 and seeds["torch_threads"].nunique() == 1 and seeds["changed"].isna().all()
+    assert seeds["code"].nunique() == 1 and seeds["seed"].is_unique
     mean = table[table["run"].str.startswith("mean over seeds")].iloc[0]
     spread = table[table["run"].str.startswith("max - min over seeds")].iloc[0]
     assert mean.test_elbo == pytest.approx(seeds["test_elbo"].mean())
@@ -257,21 +257,20 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
     dvc.lock recording the sources of the commit it names, each with its figures; the summary rows are the runs' mean and
     max - min; the README quotes the mean accuracies and agreements and shows Figure 6."""
     import pandas as pd
-    from fmvae.config import _flatten
     table = pd.read_csv(ROOT / "reports/celeba_table.csv")
     runs = table[table["seed"].notna()]
     assert set(runs["seed"]) >= {0, 1}
     for r in runs.itertuples():
         folder = ROOT / "reports/celeba" / r.run
         code = assert_run_names_the_code_it_ran(folder)
-        preset = _flatten(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/celeba_cpu.yaml")))
+        preset = flatten(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/celeba_cpu.yaml")))
         props = json.loads((folder / "properties.json").read_text())
         metrics = json.loads((folder / "metrics.json").read_text())
         assert (r.accuracy_argmax_q_r, r.judge_agreement_clamped_samples, r.judge_test_accuracy, r.test_elbo) == \
             (props[f"acc_{r.property}"], props[f"agreement_{r.property}"], props[f"judge_acc_{r.property}"],
              metrics["elbo"]), (r.run, r.property)
         assert json.loads((folder / "evaluation.json").read_text())["data"]["test_images"] == r.test_images
-        used = _flatten(yaml.safe_load((folder / "params.yaml").read_text()))
+        used = flatten(yaml.safe_load((folder / "params.yaml").read_text()))
         assert {k: used[k] for k in preset} == preset and used["seed"] == r.seed, r.run
         for name in ("figure6.png", "figure8_factor3.png", "figure8_factor4.png", "figure5.png",
                      "factor_attribute_nmi.png"):
@@ -284,7 +283,7 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
         assert r.judge_agreement_clamped_samples == pytest.approx(group["judge_agreement_clamped_samples"].mean())
         assert f"{r.accuracy_argmax_q_r:.3f}" in readme and f"{r.judge_agreement_clamped_samples:.3f}" in readme
     assert "reports/celeba/celeba_cpu/figure6.png" in readme
-    seed0 = _flatten(yaml.safe_load((ROOT / "reports/celeba" / runs["run"].iloc[0] / "params.yaml").read_text()))
+    seed0 = flatten(yaml.safe_load((ROOT / "reports/celeba" / runs["run"].iloc[0] / "params.yaml").read_text()))
     variants = pd.read_csv(ROOT / "reports/celeba_variants.csv") if (ROOT / "reports/celeba_variants.csv").exists() \
         else pd.DataFrame(columns=["run"])
     for r in variants.itertuples():  # each variant quotes its own run and names exactly what it changed
@@ -292,7 +291,7 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
         props = json.loads((folder / "properties.json").read_text())
         assert (r.accuracy_argmax_q_r, r.judge_agreement_clamped_samples) == \
             (props[f"acc_{r.property}"], props[f"agreement_{r.property}"]), (r.run, r.property)
-        used = _flatten(yaml.safe_load((folder / "params.yaml").read_text()))
+        used = flatten(yaml.safe_load((folder / "params.yaml").read_text()))
         changed = {k: v for k, v in used.items() if k != "seed" and v != seed0.get(k)}
         assert r.changed == " ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) and changed, r.run
         assert_run_names_the_code_it_ran(folder)
