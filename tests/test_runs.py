@@ -86,12 +86,14 @@ def test_a_table_never_averages_seeds_of_different_code(monkeypatch):
         older = "abc1234" + "0" * 33
         return runs.RunCode(folder, older, older, False) if folder.name == "celeba_cpu_seed1" else code
 
+    own = real(ROOT / "reports/celeba/celeba_cpu").label
     monkeypatch.setattr(runs, "run_code", one_seed_older)
-    with pytest.raises(runs.RunCodeError, match="refusing to average runs of different code: HEAD, abc1234"):
+    with pytest.raises(runs.RunCodeError, match="refusing to average runs of different code: "
+                                                + ", ".join(sorted([own, "abc1234"]))):
         runs.with_code_column(runs.CELEBA_TABLE, read(runs.CELEBA_TABLE))
     variants = read(runs.CELEBA_VARIANTS).iloc[:3].assign(run="celeba_cpu_seed1")
     assert set(runs.with_code_column(runs.CELEBA_VARIANTS, pd.concat([read(runs.CELEBA_VARIANTS), variants]))["code"]) \
-        == {"HEAD", "abc1234"}
+        == {own, "abc1234"}
 
 
 def run_in(clone: Path, *cmd: str) -> subprocess.CompletedProcess:
@@ -120,12 +122,19 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
     assert stale.returncode == 1 and "stale code column" in stale.stdout, stale.stdout[-2000:]
     listed = run_in(clone, *STATUS)
     assert listed.returncode == 0, listed.stderr
-    before = runs.head()[:7]  # the newest commit with the runs' sources: the clone's HEAD^
+    before = runs.head()[:7]  # for a run on HEAD's code here: the newest commit with its sources is the clone's HEAD^
+
+    def label_there(folder: Path) -> str:
+        here = runs.run_code(folder).label
+        return before if here == "HEAD" else here
+
     for table in runs.run_tables():
         for value in read(table)[table.key]:
             name = table.run_name(value)
             if name is not None:
-                assert f"reports/{table.stem}: {name} ran on code {before}; rerun: " in listed.stdout, (name, listed.stdout)
+                folder = table.files(name)[0]
+                assert f"reports/{table.stem}: {name} ran on code {label_there(folder)}; rerun: " in listed.stdout, \
+                    (name, listed.stdout)
     assert "python stages/preset.py celeba_cpu -n celeba_cpu_seed1 -S seed=1 && python stages/celeba_table.py" \
         in listed.stdout
     written = run_in(clone, *STATUS, "--write")
@@ -133,4 +142,4 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
     fresh = run_in(clone, *pytest_in_clone, "tests/test_runs.py", "-k", "code_column")
     assert fresh.returncode == 0, fresh.stdout[-2000:]
     celeba = pd.read_csv(clone / "reports/celeba_table.csv", dtype={"code": str})
-    assert set(celeba["code"]) == {before}
+    assert set(celeba["code"]) == {label_there(ROOT / "reports/celeba/celeba_cpu")}
