@@ -94,9 +94,13 @@ class RunCode:
         return "HEAD" if self.is_head else self.version[:7]
 
 
-def recorded_commit(folder: Path) -> str | None:
-    """The commit a run names: provenance.json's `code_commit` (set afterwards for a run whose own
-    `git_commit` is missing or unreachable, by `stages/status.py --assign`), else its `git_commit`."""
+def recorded_commit(folder: Path, lock_file: Path | None = None) -> str | None:
+    """The commit a run names: for the default run (the repository's own dvc.lock) the last commit that
+    wrote that lock (`dvc repro`, or a relock); for a copied run its provenance.json's `code_commit` (set
+    afterwards for a run whose own `git_commit` is missing or unreachable, by `stages/status.py
+    --assign`), else its `git_commit`."""
+    if lock_file is not None and Path(lock_file).resolve() == ROOT / "dvc.lock":
+        return git("log", "-1", "--format=%H", "--", "dvc.lock") or None
     path = folder / "provenance.json"
     if not path.exists():
         return None
@@ -113,7 +117,7 @@ def run_code(folder: Path, lock_file: Path | None = None) -> RunCode:
     deps = code_deps(lock)
     if not deps:
         raise RunCodeError(f"{folder}: its dvc.lock records no code deps")
-    commit = recorded_commit(folder)
+    commit = recorded_commit(folder, lock_file)
     if commit is None:
         raise RunCodeError(f"{folder}: names no commit (provenance.json's git_commit); "
                            "python stages/status.py --assign points it at the commit its dvc.lock matches")
