@@ -124,16 +124,16 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
     assert listed.returncode == 0, listed.stderr
     before = runs.head()[:7]  # for a run on HEAD's code here: the newest commit with its sources is the clone's HEAD^
 
-    def label_there(folder: Path) -> str:
-        here = runs.run_code(folder).label
+    def label_there(folder: Path, lock: Path | None = None) -> str:
+        here = runs.run_code(folder, lock).label
         return before if here == "HEAD" else here
 
     for table in runs.run_tables():
         for value in read(table)[table.key]:
             name = table.run_name(value)
             if name is not None:
-                folder = table.files(name)[0]
-                assert f"reports/{table.stem}: {name} ran on code {label_there(folder)}; rerun: " in listed.stdout, \
+                assert f"reports/{table.stem}: {name} ran on code {label_there(*table.files(name))}; rerun: " \
+                    in listed.stdout, \
                     (name, listed.stdout)
     assert "python stages/preset.py celeba_cpu -n celeba_cpu_seed1 -S seed=1 && python stages/celeba_table.py" \
         in listed.stdout
