@@ -31,16 +31,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import dvc.api
 import matplotlib
 import pandas as pd
 import torch
 import yaml
 from _common import REPORTS, ROOT
-from semi_table import full_rev, show
 
-from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, pipeline, runs
+from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, runs
 from fmvae.checkpoint import atomic_write_bytes, atomic_write_text
+from fmvae.experiments import full_rev, load_run, show
 from fmvae.params import flatten
 from fmvae.report import PAPER_CELEBA, train_judge, write_table
 
@@ -48,16 +47,6 @@ matplotlib.use("Agg")
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json",
           "reports/properties.json", "reports/celeba_table.md", "reports/figures/samples_grid.png",
           "reports/figures/clusters.png", "reports/figures/training_curves.png"]
-
-
-def load_run(rev: str, params: dict, work: Path):
-    """The run's prepared data and trained model, from DVC's cache at its commit."""
-    for path in ("data/prepared/dataset.pt", "models/joint.pt"):
-        for part in (path, path + ".sha256"):  # each with the checksum load_checked verifies
-            with dvc.api.open(part, repo=str(ROOT), rev=rev, mode="rb") as f:
-                (work / Path(part).name).write_bytes(f.read())
-    ds = pipeline.load_data(params, work / "dataset.pt")
-    return ds, pipeline.load_model(params, ds, work / "joint.pt", torch.device("cpu"))
 
 
 def differences(params: dict, reference: dict) -> dict:

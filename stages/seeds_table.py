@@ -27,10 +27,10 @@ import numpy as np
 import pandas as pd
 import yaml
 from _common import REPORTS, ROOT
-from semi_table import full_rev, show
 
 from fmvae import runs as committed_runs
 from fmvae.checkpoint import atomic_write_bytes
+from fmvae.experiments import full_rev, show
 from fmvae.params import flatten
 from fmvae.report import write_table
 

@@ -13,7 +13,6 @@ what produced it are committed together.
 import argparse
 import io
 import json
-import subprocess
 
 import dvc.api
 import torch
@@ -21,30 +20,13 @@ import yaml
 from _common import REPORTS, ROOT
 
 from fmvae import runs
+from fmvae.experiments import full_rev, show
 from fmvae.checkpoint import atomic_write_bytes
 from fmvae.data import semi_supervised_labels
 from fmvae.report import semi_supervised_table, write_table
 
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties.json", "reports/provenance.json", "reports/mnist_table.md",
           "reports/figures/samples_grid.png", "reports/figures/clusters.png", "reports/figures/training_curves.png"]
-
-
-def show(rev: str, path: str) -> bytes:
-    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, check=True).stdout
-
-
-def full_rev(name: str) -> str:
-    """The experiment's commit; of several of that name (one per baseline commit: rerun after a code
-    change), the newest, said."""
-    refs = subprocess.run(["git", "for-each-ref", "--sort=-committerdate",
-                           "--format=%(objectname) %(committerdate:iso) %(refname)", "refs/exps"], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout.split("\n")
-    found = [line.split() for line in refs if line.endswith(f"/{name}")]
-    if not found:
-        raise SystemExit(f"error: experiment {name!r}: no ref named so (run `dvc exp list --all-commits`)")
-    if len(found) > 1:
-        print(f"{name}: {len(found)} experiments of that name; using the newest ({' '.join(found[0][1:3])})")
-    return found[0][0]
 
 
 def run_row(name: str) -> dict:

@@ -143,3 +143,20 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
     assert fresh.returncode == 0, fresh.stdout[-2000:]
     celeba = pd.read_csv(clone / "reports/celeba_table.csv", dtype={"code": str})
     assert set(celeba["code"]) == {label_there(ROOT / "reports/celeba/celeba_cpu")}
+
+
+@pytest.mark.parametrize("report", sorted((ROOT / "reports/diagnostics").glob("*.json")), ids=lambda p: p.stem)
+def test_a_diagnostics_report_names_the_code_that_trained_and_measured_it(report):
+    """stages/diagnose.py's reports: the run trained at an ancestor of HEAD with its preset's values as they
+    were there, measured by an ancestor's code; the markdown beside it quotes the same numbers."""
+    from fmvae.params import flatten
+    found = json.loads(report.read_text())
+    assert runs.is_ancestor(found["baseline"]) and runs.is_ancestor(found["measured_by"])
+    preset = ROOT / "presets" / f"{found['run']}.yaml"
+    if preset.exists():
+        stated = flatten(yaml.safe_load(runs.git("show", f"{found['baseline']}:presets/{preset.name}")))
+        used = flatten(found["params"])
+        assert {k: used[k] for k in stated} == stated
+    text = report.with_suffix(".md").read_text()
+    for prop in found["properties"]:
+        assert f"{prop['round_trip']:.3f}" in text and f"{prop['component_move_judged']:.3f}" in text

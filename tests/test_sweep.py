@@ -63,7 +63,7 @@ def test_the_shared_pre_training_is_reported_with_its_curve_and_its_model_s_test
     """reports/sweep/pretraining.csv: the one pre-training every K shares, its averaged model's test
     bound under N(0, I) recomputed here from the published model; pretraining_curves.csv its curve."""
     import torch
-    from fmvae import config, pipeline, sweep
+    from fmvae import pipeline, sweep
     from fmvae.params import load_params
     root, _ = swept
     (row,) = pd.read_csv(root / "reports/sweep/pretraining.csv").itertuples()
