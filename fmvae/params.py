@@ -77,6 +77,13 @@ def validate(params: dict) -> dict:
             errors.append(f"model.channels: set for {full['data.name']!r}; only CelebA's conv64 takes widths")
         if max(full["plot.factors"]) >= full["model.I"]:
             errors.append(f"plot.factors: {full['plot.factors']} names a factor >= model.I = {full['model.I']}")
+        labelled = full["semi.delta"] > 0 and full["semi.fraction"] > 0
+        for key in ("semi.delta_until", "semi.average_factors"):
+            if key in flat and flat[key] != SCHEMA[key][0] and not labelled:
+                errors.append(f"{key}: acts on the labelled factors trained by gradient (section 2.5); "
+                              "it needs semi.delta > 0 and semi.fraction > 0")
+        if full["semi.average_factors"] and full["train.ema_decay"] == 0:
+            errors.append("semi.average_factors: averages with train.ema_decay, which is 0 (no averaging)")
         if full["data.name"] == "synthetic" and full["semi.fraction"] > 0 and full["model.I"] < 2:
             errors.append("model.I: the synthetic data set has 2 labelled properties; semi-supervision needs I >= 2")
     if errors:

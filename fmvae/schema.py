@@ -54,6 +54,8 @@ SCHEMA = {
     "joint.snapshot_every": (200, int, _pos, ">= 1 (iterations between those snapshots)"),
     "semi.delta": (0.0, float, _nonneg, ">= 0"),
     "semi.fraction": (0.0, float, _unit, "in [0, 1]"),
+    "semi.delta_until": (1.0, float, lambda v: 0 < v <= 1, "in (0, 1]: the fraction of the joint phase Delta applies; after it Delta = 0 and the labelled factors return to SVI (section 2.5); 1: throughout"),
+    "semi.average_factors": (False, bool, None, "true or false (the labelled factors' gradient-trained prior parameters averaged like the networks' weights, train.ema_decay)"),
     "evaluate.recon_samples": (1, int, _pos, ">= 1"),
     "evaluate.iw_samples": (100, int, _nonneg, ">= 0 (0 skips the IWAE estimate)"),
     "evaluate.iw_points": (500, int, _pos, ">= 1"),

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,9 @@ class TrainConfig:
     init_points: int = default("prior_init.init_points")          # encodings the factorial k-means seeds from
     init_restarts: int = default("prior_init.restarts")           # its restarts (the lowest objective wins)
     init_rotate: bool = default("prior_init.rotate")              # I > 1: rotate z to its most factorial orientation
-    delta: float = default("semi.delta")                          # weight of the cross-entropy term in (8)
+    delta: float = default("semi.delta")                          # weight of the cross-entropy term in (8) ...
+    delta_until: float = default("semi.delta_until")              # ... over this first fraction of the joint phase
+    average_factors: bool = default("semi.average_factors")       # labelled factors' prior parameters averaged
     kl_z_weight: float = default("joint.kl_z_weight")             # initial up-weighting of KL[z] (the paper's 20) ...
     kl_z_anneal_iters: int = default("joint.kl_z_anneal_iters")   # ... annealed linearly to 1 over these iterations
     lr_decay: float = default("joint.lr_decay")                   # joint: Adam's step falls to 0 over this last fraction
@@ -54,6 +57,7 @@ TRAIN_KEYS = {"batch_size": "train.batch_size", "lr": "train.lr", "seed": "seed"
               "checkpoint_every_s": "train.checkpoint_every_s", "kl_anneal_iters": "pretrain.kl_anneal_iters",
               "tau0": "svi.tau0", "kappa": "svi.kappa", "init_points": "prior_init.init_points",
               "init_restarts": "prior_init.restarts", "init_rotate": "prior_init.rotate", "delta": "semi.delta",
+              "delta_until": "semi.delta_until", "average_factors": "semi.average_factors",
               "kl_z_weight": "joint.kl_z_weight", "kl_z_anneal_iters": "joint.kl_z_anneal_iters",
               "lr_decay": "joint.lr_decay",              "nan_policy": "train.nan_policy", "ema_decay": "train.ema_decay",
               "snapshots": "joint.snapshots", "snapshot_every": "joint.snapshot_every", "amp": "train.bf16", "order": "joint.order",
@@ -212,19 +216,24 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
     prior = model.prior
     members = getattr(model, "members", 0)  # a pack of trials (fmvae.pack): terms per member
     rho = lambda: robbins_monro(prior.svi_steps, cfg.tau0, cfg.kappa)
+    # semi.delta_until: Delta weights the cross-entropy over the first steps only (section 2.5 allows it
+    # switched off once the factors have separated); a constant otherwise, so that a graphed step needs no
+    # comparison of its device step
+    switch = round(cfg.delta_until * cfg.iters)
+    delta_at = (lambda step: cfg.delta) if cfg.delta_until >= 1 else (lambda step: cfg.delta if step < switch else 0.0)
 
-    def loss_terms(x, mu, logvar, labels, stats, w):
+    def loss_terms(x, mu, logvar, labels, stats, w, delta):
         with autocast(x, cfg):
             terms = model.bound_from_encodings(x, mu, logvar, labels, stats=stats)
         kl_z, kl_r = terms.kl_z.sum(-1), terms.kl_r.sum(-1)
         # per point means over the batch, summed over a pack's members (one member: the mean)
-        loss = -(terms.recon - w * kl_z - kl_r).mean(-1).sum() + cfg.delta * terms.ce.mean(-1).sum()
+        loss = -(terms.recon - w * kl_z - kl_r).mean(-1).sum() + delta * terms.ce.mean(-1).sum()
         return loss, terms.recon, kl_z, kl_r, terms.ce, terms.step.gamma
 
-    def encode_and_loss(x, labels, stats, w):
+    def encode_and_loss(x, labels, stats, w, delta):
         with autocast(x, cfg):
             mu, logvar = model.encode(x)
-        return (mu, logvar) + loss_terms(x, mu, logvar, labels, stats, w)
+        return (mu, logvar) + loss_terms(x, mu, logvar, labels, stats, w, delta)
 
     forward = compiled(encode_and_loss if cfg.order != "fused" else loss_terms, cfg)
 
@@ -254,7 +263,8 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
 
     def paper(step, x, labels):
         stats = prior.stats()  # lambda changes only in the SVI step, after its last use
-        _, _, loss, recon, kl_z, kl_r, ce, _ = forward(x, labels, stats, as_weight(kl_z_weight(step, cfg), x))
+        _, _, loss, recon, kl_z, kl_r, ce, _ = forward(x, labels, stats, as_weight(kl_z_weight(step, cfg), x),
+                                                       delta_at(step))
         grad_norm = adam(loss, step)
         if grad_norm is None:
             return None
@@ -268,7 +278,7 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
     def reuse(step, x, labels):
         stats = prior.stats()
         mu, logvar, loss, recon, kl_z, kl_r, ce, gamma = forward(x, labels, stats,
-                                                                 as_weight(kl_z_weight(step, cfg), x))
+                                                                 as_weight(kl_z_weight(step, cfg), x), delta_at(step))
         grad_norm = adam(loss, step)
         if grad_norm is None:
             return None
@@ -285,7 +295,8 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
         with torch.no_grad():
             svi(mu, var, prior.local_step(mu.detach(), var.detach(), labels).gamma)
         stats = prior.stats()
-        loss, recon, kl_z, kl_r, ce, _ = forward(x, mu, logvar, labels, stats, as_weight(kl_z_weight(step, cfg), x))
+        loss, recon, kl_z, kl_r, ce, _ = forward(x, mu, logvar, labels, stats, as_weight(kl_z_weight(step, cfg), x),
+                                                 delta_at(step))
         grad_norm = adam(loss, step)
         if grad_norm is None:
             return None
@@ -293,7 +304,19 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
 
     if cfg.order not in ORDERS:
         raise ValueError(f"joint.order: {cfg.order!r}, choose one of {', '.join(ORDERS)}")
-    return {"paper": paper, "reuse": reuse, "fused": fused}[cfg.order]
+    step_fn = {"paper": paper, "reuse": reuse, "fused": fused}[cfg.order]
+    if cfg.delta_until >= 1:
+        return step_fn
+
+    def releasing(step, x, labels):
+        """At the switch (a host-side change of what the step trains: joint_train runs it eagerly) the
+        labelled factors' current values are written into q(xi) and SVI takes them over."""
+        if step == switch and prior.has_gradient_factors:
+            prior.sync_gradient_factors()
+            prior.use_gradient_factors([])
+        return step_fn(step, x, labels)
+
+    return releasing
 
 
 def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
@@ -305,11 +328,19 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     training bound per point: `bound` (4a)-(4c) minus the global terms (4d)-(4e) / N. The networks
     leave with the average of their weights (WeightAverage), q(xi) as SVI left it (its Robbins-Monro
     steps average already); the snapshots of the last steps go to ckpt (CheckpointDir.snapshots).
+    cfg.delta_until < 1: from that fraction of the phase on, Delta = 0 and the labelled factors return
+    to SVI from their values then; cfg.average_factors: their gradient-trained parameters leave with
+    their average too (else with their last iterate).
     """
     torch.manual_seed(cfg.seed)
     prior, n_total = model.prior, len(data)
     if cfg.delta > 0 and gradient_factors:
         prior.use_gradient_factors(gradient_factors)
+    if (cfg.delta_until < 1 or cfg.average_factors) and not prior.has_gradient_factors:
+        raise ValueError("semi.delta_until < 1 and semi.average_factors act on labelled factors trained by "
+                         "gradient: they need semi.delta > 0 and labels (semi.fraction > 0)")
+    if cfg.delta_until < 1:  # the switch changes what the step trains: eager steps (a CUDA graph is captured once)
+        cfg = dataclasses.replace(cfg, cuda_graph=False)
     params = model.network_parameters() + (prior.gradient_parameters() if prior.has_gradient_factors else [])
     opt = _optimizer(params, cfg)
 
@@ -318,7 +349,8 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
             row["global_kl"] = prior.global_kl().item() / n_total
         row["elbo"] = row["bound"] - row["global_kl"]
 
-    average = _average(model.network_parameters(), cfg)
+    averaged = model.network_parameters() + (prior.gradient_parameters() if cfg.average_factors else [])
+    average = _average(averaged, cfg)
     history = run_loop("joint", model, joint_step(model, opt, cfg, n_total, params), cfg,
                         Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt, fingerprint, on_log, log_extras=log_extras,
                         meta=meta, average=average, snapshot_at=tuple(snapshot_steps(cfg)))
