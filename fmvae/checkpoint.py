@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import platform
 import shutil
 import subprocess
@@ -55,6 +56,10 @@ class CorruptCheckpoint(RuntimeError):
     pass
 
 
+class UnsafeCheckpoint(CorruptCheckpoint):
+    """A checkpoint whose pickle holds more than tensors and plain values (refused, never unpickled)."""
+
+
 def save_checked(obj: Any, path: str | os.PathLike) -> None:
     """torch.save atomically, then its sha256 sidecar (written last: a file without a
     matching sidecar is never trusted)."""
@@ -73,7 +78,11 @@ def load_checked(path: str | os.PathLike, map_location="cpu") -> Any:
     data = path.read_bytes()
     if not sidecar.exists() or sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
         raise CorruptCheckpoint(f"{path}: checksum missing or does not match (truncated or corrupted file)")
-    return torch.load(io.BytesIO(data), map_location=map_location, weights_only=False)
+    try:  # tensors and plain values only: a pickled object would run code on load (a sweep's storage is shared)
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpoint(f"{path}: refused: it holds objects other than tensors and plain values "
+                               f"(loaded with weights_only): {str(err).splitlines()[-1]}") from None
 
 
 class CheckpointDir:
@@ -155,7 +164,7 @@ def host() -> dict:
 def provenance(params: dict | None = None) -> dict:
     """What produced a file: params, seed, package versions, git commit, host and threads."""
     import numpy
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": numpy.__version__}  # plain str: weights_only loading
     try:
         from importlib.metadata import version
         versions["fmvae"] = version("fmvae")

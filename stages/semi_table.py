@@ -36,7 +36,7 @@ def run_row(name: str) -> dict:
         raise SystemExit(f"error: experiment {name!r} trained on {params['data']['name']!r}, not mnist")
     props, metrics = json.loads(show(rev, "reports/properties.json")), json.loads(show(rev, "reports/metrics.json"))
     with dvc.api.open("data/prepared/dataset.pt", repo=str(ROOT), rev=rev, mode="rb") as f:
-        y_train = torch.load(io.BytesIO(f.read()), weights_only=False)["y_train"]
+        y_train = torch.load(io.BytesIO(f.read()), weights_only=True)["y_train"]
     labels = semi_supervised_labels(y_train, params["semi"]["fraction"], params["model"]["I"], params["seed"])
     n_labelled = int((labels[:, 0] >= 0).sum())
     for path in COPIED:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from fmvae.checkpoint import CheckpointDir, CorruptCheckpoint, load_checked, save_checked
+from fmvae.checkpoint import CheckpointDir, CorruptCheckpoint, UnsafeCheckpoint, load_checked, save_checked
 from fmvae.data import factorial_vectors
 from fmvae.model import FMVAE
 from fmvae.step import NumericalError, TrainData
@@ -217,3 +217,20 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path)
     df = pd.read_csv(root / "reports/sweep/results.csv")
     assert sorted(df["K"]) == [2, 3] and (df["status"] == "done").all()
     assert finished[0].stat().st_mtime_ns == stamp
+
+
+class Payload:
+    """Any class: a weights_only load refuses to build it (unpickling it could run code)."""
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_and_the_previous_one_used(tmp_path):
+    """Checkpoints load with weights_only: one holding an object of another class is refused with an
+    error naming the file, and CheckpointDir.latest falls back to the previous intact one, saying so."""
+    ckpt = CheckpointDir(tmp_path)
+    ckpt.save({"step": 10, "model": {"w": torch.ones(2)}}, 10)
+    bad = ckpt.save({"step": 20, "model": {"w": torch.zeros(2)}, "extra": Payload()}, 20)  # sidecar matches
+    with pytest.raises(UnsafeCheckpoint, match=rf"{bad.name}: refused: it holds objects other than tensors"):
+        load_checked(bad)
+    with pytest.warns(UserWarning, match=rf"skipping unusable checkpoint .*{bad.name}.*refused"):
+        state = ckpt.latest()
+    assert state["step"] == 10 and torch.equal(state["model"]["w"], torch.ones(2))
