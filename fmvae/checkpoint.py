@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.torch_version import TorchVersion
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -79,7 +80,9 @@ def load_checked(path: str | os.PathLike, map_location="cpu") -> Any:
     if not sidecar.exists() or sidecar.read_text().strip() != hashlib.sha256(data).hexdigest():
         raise CorruptCheckpoint(f"{path}: checksum missing or does not match (truncated or corrupted file)")
     try:  # tensors and plain values only: a pickled object would run code on load (a sweep's storage is shared)
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        # (files written before provenance kept torch's version as a plain str hold a TorchVersion, a str)
+        with torch.serialization.safe_globals([TorchVersion]):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpoint(f"{path}: refused: it holds objects other than tensors and plain values "
                                f"(loaded with weights_only): {str(err).splitlines()[-1]}") from None

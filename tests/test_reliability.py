@@ -234,3 +234,6 @@ def test_a_checkpoint_holding_a_pickled_object_is_refused_and_the_previous_one_u
     with pytest.warns(UserWarning, match=rf"skipping unusable checkpoint .*{bad.name}.*refused"):
         state = ckpt.latest()
     assert state["step"] == 10 and torch.equal(state["model"]["w"], torch.ones(2))
+    # files written before provenance kept torch's version as a str hold a TorchVersion (a str): still loaded
+    older = ckpt.save({"step": 30, "provenance": {"versions": {"torch": torch.__version__}}}, 30)
+    assert load_checked(older)["provenance"]["versions"]["torch"] == str(torch.__version__)
