@@ -117,7 +117,9 @@ def factor_swap(name: str, rev: str, params: dict, props: dict, model, ds, path:
     run and code: `path` keeps the rows under a key of the run's commit (its params, model and
     thread count) and of the source that loads the model, trains the judge and moves the factors; a
     later call with the same key reads them back."""
-    sources = sorted(set(config.training_sources("pipeline.py")) | set(config.training_sources("celeba_report.py")))
+    # the training sources (loading the model) and the modules that train the judge and move the factors
+    computing = {ROOT / "fmvae" / m for m in ("celeba_report.py", "report.py", "plots.py", "experiments.py")}
+    sources = sorted(set(config.training_sources()) | computing)
     key = config.fingerprint(rev, {str(f.relative_to(ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()
                                    for f in sources + [Path(__file__).resolve()]})
     kept = json.loads(path.read_text()) if path.exists() else None
