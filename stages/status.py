@@ -71,8 +71,8 @@ def table_command(table: runs.RunTable, df: pd.DataFrame) -> str:
         return f"python {TABLE_SCRIPTS['default']} --run {' '.join(plain)}" + \
             (f" --variant {' '.join(variants)}" if variants else "")
     if table.stem == "celeba_variants":
-        seeds = read(runs.RunTable("celeba_table", "run", "celeba"))
-        base = [n for n in dict.fromkeys(seeds["run"]) if runs.RunTable("celeba_table", "run", "celeba").run_name(n)]
+        seeds = read(runs.CELEBA_TABLE)
+        base = [n for n in dict.fromkeys(seeds["run"]) if runs.CELEBA_TABLE.run_name(n)]
         return f"python {TABLE_SCRIPTS['celeba']} {' '.join(base)} --variant {' '.join(names)}"
     return f"python {TABLE_SCRIPTS[table.kind]} {' '.join(names)}"
 

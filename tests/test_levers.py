@@ -28,10 +28,10 @@ def initialised():
     return model.state_dict()
 
 
-def joint(state, on_log=None, **settings):
+def joint(state, **settings):
     model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
     model.load_state_dict(state)
-    history = joint_train(model, DATA, dataclasses.replace(BASE, **settings), gradient_factors=[0, 1], on_log=on_log)
+    history = joint_train(model, DATA, dataclasses.replace(BASE, **settings), gradient_factors=[0, 1])
     return model, history
 
 
@@ -40,16 +40,16 @@ def test_delta_until_hands_the_labelled_factors_back_to_svi_at_its_step(initiali
     leave gradient training with their values of that moment, and SVI moves them; their gradient-trained
     parameters stay where they were."""
     at_switch = {}
-
-    def keep(row, history, model_ref=[]):
-        if row["step"] == 50:
-            at_switch["grad_m"] = model_ref[0].prior.grad_m.detach().clone()
-
     plain, plain_history = joint(initialised)
     model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
     model.load_state_dict(initialised)
+
+    def keep(row, history):
+        if row["step"] == 50:
+            at_switch["grad_m"] = model.prior.grad_m.detach().clone()
+
     history = joint_train(model, DATA, dataclasses.replace(BASE, delta_until=0.5), gradient_factors=[0, 1],
-                          on_log=lambda row, h: keep(row, h, [model]))
+                          on_log=keep)
     assert history[:5] == plain_history[:5] and history[5:] != plain_history[5:]
     assert not model.prior.has_gradient_factors and plain.prior.has_gradient_factors
     assert torch.equal(model.prior.grad_m, at_switch["grad_m"])  # no gradient step after the switch
