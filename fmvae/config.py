@@ -67,7 +67,7 @@ def train_config(params: dict, phase: str) -> TrainConfig:
 # (plots, report, runs) or a script re-keys none. Declared here, not derived from which imports happen to
 # sit at module level; tests/test_trust.py checks it is exactly what the training stages import.
 TRAINING_SOURCES = ("__init__.py", "checkpoint.py", "clustering.py", "config.py", "data", "distributions",
-                    "evaluate.py", "model.py", "nets.py", "params.py", "pipeline.py", "prior.py", "schema.py",
+                    "evaluate.py", "levers.py", "model.py", "nets.py", "params.py", "pipeline.py", "prior.py", "schema.py",
                     "step.py", "train.py")
 
 

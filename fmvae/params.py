@@ -78,10 +78,17 @@ def validate(params: dict) -> dict:
         if max(full["plot.factors"]) >= full["model.I"]:
             errors.append(f"plot.factors: {full['plot.factors']} names a factor >= model.I = {full['model.I']}")
         labelled = full["semi.delta"] > 0 and full["semi.fraction"] > 0
-        for key in ("semi.delta_until", "semi.average_factors"):
+        for key in ("semi.delta_until", "semi.average_factors", "semi.swap_weight", "semi.adversary_weight"):
             if key in flat and flat[key] != SCHEMA[key][0] and not labelled:
                 errors.append(f"{key}: acts on the labelled factors trained by gradient (section 2.5); "
                               "it needs semi.delta > 0 and semi.fraction > 0")
+        if full["semi.adversary_weight"] > 0 and full["model.I"] < 2:
+            errors.append("semi.adversary_weight: the adversary reads the blocks other than the named ones; "
+                          "it needs model.I >= 2")
+        levers = full["semi.swap_weight"] > 0 or full["semi.adversary_weight"] > 0
+        if levers and full["sweep.pack"] > 1:
+            errors.append("semi.swap_weight / semi.adversary_weight: trials packed into one vectorised model "
+                          "(sweep.pack > 1) do not run them; set sweep.pack: 1")
         if full["semi.average_factors"] and full["train.ema_decay"] == 0:
             errors.append("semi.average_factors: averages with train.ema_decay, which is 0 (no averaging)")
         if full["data.name"] == "synthetic" and full["semi.fraction"] > 0 and full["model.I"] < 2:

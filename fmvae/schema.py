@@ -56,6 +56,8 @@ SCHEMA = {
     "semi.fraction": (0.0, float, _unit, "in [0, 1]"),
     "semi.delta_until": (1.0, float, lambda v: 0 < v <= 1, "in (0, 1]: the fraction of the joint phase Delta applies; after it Delta = 0 and the labelled factors return to SVI (section 2.5); 1: throughout"),
     "semi.average_factors": (False, bool, None, "true or false (the labelled factors' gradient-trained prior parameters averaged like the networks' weights, train.ema_decay)"),
+    "semi.swap_weight": (0.0, float, _nonneg, ">= 0: weight of the swap-consistency term (fmvae.levers, a departure from the paper); 0: off"),
+    "semi.adversary_weight": (0.0, float, _nonneg, ">= 0: weight of the encoder's term that makes the adversary's predictions of a named property from the other blocks uniform (fmvae.levers, a departure from the paper); 0: off"),
     "evaluate.recon_samples": (1, int, _pos, ">= 1"),
     "evaluate.iw_samples": (100, int, _nonneg, ">= 0 (0 skips the IWAE estimate)"),
     "evaluate.iw_points": (500, int, _pos, ">= 1"),

@@ -177,7 +177,7 @@ def make_runner(step_fn, batcher: Batcher, cfg: TrainConfig, optimizer=None, pri
 def run_loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batcher, optimizer,
           ckpt: CheckpointDir | None, fingerprint: str, on_log=None, log_extras=None,
           meta: dict | None = None, average: WeightAverage | None = None,
-          snapshot_at: tuple[int, ...] = ()) -> list[dict]:
+          snapshot_at: tuple[int, ...] = (), aux: torch.nn.Module | None = None) -> list[dict]:
     """Run step_fn(step, x, labels) -> {term: 0-d tensor} for cfg.iters steps with logging,
     checks, checkpoints and resume. log_extras(row) adds terms computed once per log interval.
     Returns the logged rows (the training curve). step is an int, or a device scalar when the
@@ -186,7 +186,8 @@ def run_loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batch
     saved in its checkpoint, so a curve rewritten from it has neither gaps nor repeated steps).
     `average` is updated after every optimiser step and saved with the checkpoints. At each step of
     `snapshot_at` the model is saved to ckpt's snapshots twice: its last iterate, and with the
-    average in place of its network weights."""
+    average in place of its network weights. `aux`: a module trained beside the model but not part of it
+    (fmvae.levers.Adversary): its state is checkpointed and resumed, never in the model or its snapshots."""
     start, history, skipped = 0, [], 0
     state = ckpt.latest() if ckpt is not None else None
     if state is not None and state.get("fingerprint") == fingerprint:
@@ -195,6 +196,8 @@ def run_loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batch
             optimizer.load_state_dict(state["optimizer"])
         if average is not None:
             average.load_state_dict(state["average"])
+        if aux is not None:
+            aux.load_state_dict(state["aux"])
         batcher.generator.set_state(state["batcher"])
         torch.set_rng_state(state["torch_rng"])
         if torch.cuda.is_available() and state.get("cuda_rng") is not None:
@@ -211,6 +214,7 @@ def run_loop(phase: str, model: FMVAE, step_fn, cfg: TrainConfig, batcher: Batch
                    "skipped": skipped, "model": model.state_dict(),
                    "optimizer": optimizer.state_dict() if optimizer is not None else None,
                    "average": average.state_dict() if average is not None else None,
+                   "aux": aux.state_dict() if aux is not None else None,
                    "batcher": batcher.generator.get_state(), "torch_rng": torch.get_rng_state(),
                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                    "config": asdict(cfg), "provenance": meta or {}}, step)

@@ -13,6 +13,7 @@ import torch
 
 from .checkpoint import CheckpointDir
 from .clustering import factorial_kmeans
+from .levers import Adversary, swap_consistency
 from .model import FMVAE
 from .prior import robbins_monro
 from .schema import ORDERS, default
@@ -38,6 +39,8 @@ class TrainConfig:
     delta: float = default("semi.delta")                          # weight of the cross-entropy term in (8) ...
     delta_until: float = default("semi.delta_until")              # ... over this first fraction of the joint phase
     average_factors: bool = default("semi.average_factors")       # labelled factors' prior parameters averaged
+    swap_weight: float = default("semi.swap_weight")              # fmvae.levers: swap consistency (0: off)
+    adversary_weight: float = default("semi.adversary_weight")    # fmvae.levers: adversary on the other blocks (0: off)
     kl_z_weight: float = default("joint.kl_z_weight")             # initial up-weighting of KL[z] (the paper's 20) ...
     kl_z_anneal_iters: int = default("joint.kl_z_anneal_iters")   # ... annealed linearly to 1 over these iterations
     lr_decay: float = default("joint.lr_decay")                   # joint: Adam's step falls to 0 over this last fraction
@@ -58,6 +61,7 @@ TRAIN_KEYS = {"batch_size": "train.batch_size", "lr": "train.lr", "seed": "seed"
               "tau0": "svi.tau0", "kappa": "svi.kappa", "init_points": "prior_init.init_points",
               "init_restarts": "prior_init.restarts", "init_rotate": "prior_init.rotate", "delta": "semi.delta",
               "delta_until": "semi.delta_until", "average_factors": "semi.average_factors",
+              "swap_weight": "semi.swap_weight", "adversary_weight": "semi.adversary_weight",
               "kl_z_weight": "joint.kl_z_weight", "kl_z_anneal_iters": "joint.kl_z_anneal_iters",
               "lr_decay": "joint.lr_decay",              "nan_policy": "train.nan_policy", "ema_decay": "train.ema_decay",
               "snapshots": "joint.snapshots", "snapshot_every": "joint.snapshot_every", "amp": "train.bf16", "order": "joint.order",
@@ -197,7 +201,7 @@ def lr_factor(step, cfg: TrainConfig):
     return min(1.0, (cfg.iters - step) / n)
 
 
-def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
+def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params, named=(), adversary=None):
     """One joint iteration (2.4), in one of three orders of the same block-coordinate ascent.
 
     "paper":  gamma (5) under q_t -> Adam on theta, phi (gamma detached) -> re-encode the batch
@@ -210,7 +214,8 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
               which pulls the prior towards the batch and shrinks KL[z]'s gradient. Kept only to
               reproduce the comparison in the README.
     The Adam step includes the cross-entropy (8) and, for gradient factors, their prior
-    parameters. The differentiable part (encode, bound, loss) is `forward`, which
+    parameters; with cfg.swap_weight / cfg.adversary_weight > 0 also the terms of fmvae.levers
+    on the `named` factors (the adversary's classifiers, `adversary`, are in `params`). The differentiable part (encode, bound, loss) is `forward`, which
     cfg.compile sends through torch.compile; q(xi)'s statistics enter it as inputs.
     """
     prior = model.prior
@@ -222,13 +227,36 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
     switch = round(cfg.delta_until * cfg.iters)
     delta_at = (lambda step: cfg.delta) if cfg.delta_until >= 1 else (lambda step: cfg.delta if step < switch else 0.0)
 
+    levers = cfg.swap_weight > 0 or cfg.adversary_weight > 0
+    if levers and (members or not named):
+        raise ValueError("semi.swap_weight and semi.adversary_weight act on named factors of one model: they "
+                         "need labels (semi.delta > 0, semi.fraction > 0) and no pack (sweep.pack = 1)")
+    if cfg.adversary_weight > 0 and adversary is None:
+        raise ValueError("semi.adversary_weight > 0: joint_step needs the adversary's classifiers")
+
+    def lever_terms(mu, logvar, stats, gamma):
+        """fmvae.levers' terms (loss, logged values); nothing, and no random draw, when both are off."""
+        loss, logged = 0.0, {}
+        if cfg.swap_weight > 0:
+            logged["swap_ce"] = swap_consistency(model, mu, logvar, named, stats)
+            loss = loss + cfg.swap_weight * logged["swap_ce"]
+        if cfg.adversary_weight > 0:
+            extra, logged["adversary_ce"] = adversary(mu, gamma, cfg.adversary_weight)
+            loss = loss + extra
+        return loss, logged
+
     def loss_terms(x, mu, logvar, labels, stats, w, delta):
         with autocast(x, cfg):
             terms = model.bound_from_encodings(x, mu, logvar, labels, stats=stats)
         kl_z, kl_r = terms.kl_z.sum(-1), terms.kl_r.sum(-1)
         # per point means over the batch, summed over a pack's members (one member: the mean)
         loss = -(terms.recon - w * kl_z - kl_r).mean(-1).sum() + delta * terms.ce.mean(-1).sum()
-        return loss, terms.recon, kl_z, kl_r, terms.ce, terms.step.gamma
+        logged = {}
+        if levers:
+            with autocast(x, cfg):
+                extra, logged = lever_terms(mu, logvar, stats, terms.step.gamma)
+            loss = loss + extra
+        return loss, terms.recon, kl_z, kl_r, terms.ce, terms.step.gamma, logged
 
     def encode_and_loss(x, labels, stats, w, delta):
         with autocast(x, cfg):
@@ -252,10 +280,10 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
         opt.step()
         return grad_norm
 
-    def report(recon, kl_z, kl_r, ce, grad_norm):
+    def report(recon, kl_z, kl_r, ce, grad_norm, logged):
         return {"bound": (recon - kl_z - kl_r).mean(-1).detach(), "recon": recon.mean(-1).detach(),
                 "kl_z": kl_z.mean(-1).detach(), "kl_r": kl_r.mean(-1).detach(), "ce": ce.mean(-1).detach(),
-                "grad_norm": grad_norm}
+                "grad_norm": grad_norm} | {k: v.detach() for k, v in logged.items()}
 
     def svi(mu, var, gamma):
         with torch.no_grad():
@@ -263,8 +291,8 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
 
     def paper(step, x, labels):
         stats = prior.stats()  # lambda changes only in the SVI step, after its last use
-        _, _, loss, recon, kl_z, kl_r, ce, _ = forward(x, labels, stats, as_weight(kl_z_weight(step, cfg), x),
-                                                       delta_at(step))
+        _, _, loss, recon, kl_z, kl_r, ce, _, logged = forward(x, labels, stats,
+                                                               as_weight(kl_z_weight(step, cfg), x), delta_at(step))
         grad_norm = adam(loss, step)
         if grad_norm is None:
             return None
@@ -273,18 +301,18 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
             var = logvar.exp()
             st = prior.local_step(mu, var, labels, None if prior.has_gradient_factors else stats)
         svi(mu, var, st.gamma)
-        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm)
+        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm, logged)
 
     def reuse(step, x, labels):
         stats = prior.stats()
-        mu, logvar, loss, recon, kl_z, kl_r, ce, gamma = forward(x, labels, stats,
-                                                                 as_weight(kl_z_weight(step, cfg), x), delta_at(step))
+        mu, logvar, loss, recon, kl_z, kl_r, ce, gamma, logged = forward(
+            x, labels, stats, as_weight(kl_z_weight(step, cfg), x), delta_at(step))
         grad_norm = adam(loss, step)
         if grad_norm is None:
             return None
         # gamma of an SVI factor depends only on that factor's q, which the Adam step left alone
         svi(mu, logvar.exp(), gamma)
-        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm)
+        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm, logged)
 
     def fused(step, x, labels):
         with autocast(x, cfg):
@@ -295,12 +323,12 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params):
         with torch.no_grad():
             svi(mu, var, prior.local_step(mu.detach(), var.detach(), labels).gamma)
         stats = prior.stats()
-        loss, recon, kl_z, kl_r, ce, _ = forward(x, mu, logvar, labels, stats, as_weight(kl_z_weight(step, cfg), x),
-                                                 delta_at(step))
+        loss, recon, kl_z, kl_r, ce, _, logged = forward(x, mu, logvar, labels, stats,
+                                                         as_weight(kl_z_weight(step, cfg), x), delta_at(step))
         grad_norm = adam(loss, step)
         if grad_norm is None:
             return None
-        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm)
+        return {"natural_params": _validity(prior)} | report(recon, kl_z, kl_r, ce, grad_norm, logged)
 
     if cfg.order not in ORDERS:
         raise ValueError(f"joint.order: {cfg.order!r}, choose one of {', '.join(ORDERS)}")
@@ -330,7 +358,7 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     steps average already); the snapshots of the last steps go to ckpt (CheckpointDir.snapshots).
     cfg.delta_until < 1: from that fraction of the phase on, Delta = 0 and the labelled factors return
     to SVI from their values then; cfg.average_factors: their gradient-trained parameters leave with
-    their average too (else with their last iterate).
+    their average too (else with their last iterate). cfg.swap_weight, cfg.adversary_weight: fmvae.levers.
     """
     torch.manual_seed(cfg.seed)
     prior, n_total = model.prior, len(data)
@@ -342,6 +370,10 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     if cfg.delta_until < 1:  # the switch changes what the step trains: eager steps (a CUDA graph is captured once)
         cfg = dataclasses.replace(cfg, cuda_graph=False)
     params = model.network_parameters() + (prior.gradient_parameters() if prior.has_gradient_factors else [])
+    adversary = None
+    if cfg.adversary_weight > 0:  # trained with the networks; checkpointed (resume), not part of the model
+        adversary = Adversary(model.I, model.D, model.K, gradient_factors).to(model.prior.lam.device)
+        params = params + list(adversary.parameters())
     opt = _optimizer(params, cfg)
 
     def log_extras(row):
@@ -351,9 +383,10 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
 
     averaged = model.network_parameters() + (prior.gradient_parameters() if cfg.average_factors else [])
     average = _average(averaged, cfg)
-    history = run_loop("joint", model, joint_step(model, opt, cfg, n_total, params), cfg,
-                        Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt, fingerprint, on_log, log_extras=log_extras,
-                        meta=meta, average=average, snapshot_at=tuple(snapshot_steps(cfg)))
+    step_fn = joint_step(model, opt, cfg, n_total, params, named=list(gradient_factors), adversary=adversary)
+    history = run_loop("joint", model, step_fn, cfg, Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt, fingerprint,
+                       on_log, log_extras=log_extras, meta=meta, average=average,
+                       snapshot_at=tuple(snapshot_steps(cfg)), aux=adversary)
     if average is not None:
         average.copy_to()
     prior.sync_gradient_factors()

@@ -91,7 +91,7 @@ def _another_value(key: str, value):
 
 def test_train_config_takes_every_field_from_params():
     """Change each params key TrainConfig reads, one at a time: the phase that reads it sees it."""
-    base = flatten(validate({"semi": {"delta": 1.0, "fraction": 0.1}}))  # labels: the semi levers apply
+    base = flatten(validate({"semi": {"delta": 1.0, "fraction": 0.1}, "model": {"I": 2}}))  # labels, two blocks: the semi levers apply
     for field, key in TRAIN_KEYS.items():
         phase = {"pretrain": "pretrain", "prior_init": "prior_init"}.get(key.split(".")[0], "joint")
         new = _another_value(key, SCHEMA[key][0])
