@@ -40,6 +40,12 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 class Adversary(nn.Module):
     """One linear classifier per named factor i: the other blocks' means (I - 1) * D -> K_i logits."""
 
+    # The classifiers' logits are SPEED x a linear map whose initial weights are divided by SPEED: under Adam,
+    # whose steps do not scale with the gradient, they then learn SPEED times faster than the encoder with
+    # the one step size. A classifier as fast as the encoder is outrun: on tests/test_levers.py's known case
+    # it is confused (cross-entropy log K) while a fresh probe still reads the label at 0.97; 10x: 0.65.
+    SPEED = 10.0
+
     def __init__(self, I: int, D: int, K: Sequence[int], named: Sequence[int]):
         super().__init__()
         if I < 2:
@@ -47,6 +53,10 @@ class Adversary(nn.Module):
                              "one; it needs model.I >= 2")
         self.named = list(named)
         self.heads = nn.ModuleList(nn.Linear((I - 1) * D, K[i]) for i in self.named)
+        with torch.no_grad():
+            for head in self.heads:
+                head.weight /= self.SPEED
+                head.bias /= self.SPEED
 
     def forward(self, mu: Tensor, gamma: Tensor, weight) -> tuple[Tensor, Tensor]:
         """(loss, the classifiers' cross-entropy). The classifiers learn to predict gamma_i (detached) from
@@ -59,8 +69,8 @@ class Adversary(nn.Module):
         for head, i in zip(self.heads, self.named):
             others = torch.cat((mu[:, :i], mu[:, i + 1:]), dim=1).flatten(1)
             k = head.out_features
-            ce = soft_cross_entropy(head(others.detach()), gamma[:, i, :k].detach()).mean()
-            fixed = nn.functional.linear(others, head.weight.detach(), head.bias.detach())
+            ce = soft_cross_entropy(self.SPEED * head(others.detach()), gamma[:, i, :k].detach()).mean()
+            fixed = self.SPEED * nn.functional.linear(others, head.weight.detach(), head.bias.detach())
             confusion = -torch.log_softmax(fixed, dim=-1).mean(-1).mean()  # CE against uniform
             loss, judged = loss + ce + weight * confusion, judged + ce.detach()
         return loss, judged

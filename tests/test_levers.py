@@ -2,12 +2,15 @@
 (tests/test_golden.py: bit for bit), with it on it changes what it names and nothing else, where it cannot
 apply it is refused before any work, and it keys checkpoints (the TrainConfig) and sweep trials (`semi`)."""
 import dataclasses
+import math
 
 import pytest
 import torch
 
 from fmvae import config
 from fmvae.data import factorial_vectors, semi_supervised_labels
+from fmvae.checkpoint import CheckpointDir
+from fmvae.levers import Adversary, read_back, swap_consistency
 from fmvae.model import FMVAE
 from fmvae.params import ParamError, validate
 from fmvae.step import TrainData
@@ -25,6 +28,20 @@ def initialised():
     model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
     pretrain(model, DATA, dataclasses.replace(BASE, iters=100, kl_anneal_iters=30))
     init_prior(model, DATA, dataclasses.replace(BASE, iters=20, init_points=1000, init_restarts=2))
+    return model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def entangled(initialised):
+    """The known answer for the levers: the initialised model with its latent space turned 45 degrees
+    between block 0 and block 1 (exact, FMVAE.rotate_latent) and q(xi) fitted again without rotation,
+    so that each property sits half in each block, as the free block held the digit on MNIST."""
+    model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
+    model.load_state_dict(initialised)
+    c = 0.5 ** 0.5
+    turn = torch.tensor([[c, 0, c, 0], [0, c, 0, c], [-c, 0, c, 0], [0, -c, 0, c]])
+    model.rotate_latent(turn)
+    init_prior(model, DATA, dataclasses.replace(BASE, iters=20, init_points=1000, init_restarts=2, init_rotate=False))
     return model.state_dict()
 
 
@@ -71,26 +88,133 @@ def test_average_factors_changes_the_labelled_factors_final_values_only(initiali
 
 
 def test_the_levers_are_refused_where_they_cannot_apply(initialised):
-    for settings in ({"delta_until": 0.5}, {"average_factors": True}):
+    for settings in ({"delta_until": 0.5}, {"average_factors": True}, {"swap_weight": 1.0},
+                     {"adversary_weight": 1.0}):
         key = f"semi.{next(iter(settings))}"
         with pytest.raises(ParamError, match=key):
             validate({"semi": settings})  # no labels: refused before any work
-        validate({"semi": settings | {"delta": 10.0, "fraction": 0.1}})
+        validate({"semi": settings | {"delta": 10.0, "fraction": 0.1}, "model": {"I": 2}})
         model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
         model.load_state_dict(initialised)
-        with pytest.raises(ValueError, match="need semi.delta > 0"):
+        with pytest.raises(ValueError, match="need semi.delta > 0|need labels"):
             joint_train(model, DATA, dataclasses.replace(BASE, delta=0.0, **settings))
     with pytest.raises(ParamError, match="semi.average_factors: averages with train.ema_decay"):
         validate({"semi": {"average_factors": True, "delta": 10.0, "fraction": 0.1}, "train": {"ema_decay": 0.0}})
     with pytest.raises(ParamError, match="semi.delta_until"):
         validate({"semi": {"delta_until": 0.0, "delta": 10.0, "fraction": 0.1}})
+    labelled = {"delta": 10.0, "fraction": 0.1}
+    with pytest.raises(ParamError, match="semi.adversary_weight: the adversary reads the blocks other"):
+        validate({"semi": labelled | {"adversary_weight": 1.0}, "model": {"I": 1}})
+    with pytest.raises(ParamError, match="sweep.pack > 1"):
+        validate({"semi": labelled | {"swap_weight": 1.0}, "sweep": {"pack": 4}})
+    with pytest.raises(ParamError, match="semi.swap_weight"):
+        validate({"semi": labelled | {"swap_weight": -1.0}})
 
 
 def test_the_levers_key_the_joint_phase_s_checkpoints():
     """A checkpoint's fingerprint holds the phase's TrainConfig (fmvae.pipeline.prepare_phase): each lever
     set gives another one, so a run never resumes a checkpoint of the other setting. (Sweep trials key on
     the whole `semi` section, fmvae.sweep.TRIAL_SECTIONS.)"""
-    base = {"semi": {"delta": 10.0, "fraction": 0.1}}
+    base = {"semi": {"delta": 10.0, "fraction": 0.1}, "model": {"I": 2}}
     fingerprints = {config.fingerprint(config.train_config(validate(base | {"semi": base["semi"] | extra}), "joint").__dict__)
-                    for extra in ({}, {"delta_until": 0.5}, {"average_factors": True})}
-    assert len(fingerprints) == 3
+                    for extra in ({}, {"delta_until": 0.5}, {"average_factors": True}, {"swap_weight": 1.0},
+                                  {"adversary_weight": 1.0})}
+    assert len(fingerprints) == 5
+
+
+def test_the_swap_s_reader_is_a_fixed_judge(initialised):
+    """read_back passes gradient to its input image, never to the encoder's weights; the swap term
+    reaches the decoder, and the encoder only through the kept blocks' samples."""
+    model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
+    model.load_state_dict(initialised)
+    x = X[:16].clone().requires_grad_(True)
+    read_back(model, x, model.prior.stats()).logsumexp(-1).sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.encoder.parameters())
+    mu, logvar = model.encode(X[:16])
+    swap_consistency(model, mu.detach(), logvar.detach(), [0, 1], model.prior.stats()).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.body.parameters())
+
+
+def test_swap_consistency_trains_decoded_swaps_to_read_back_as_their_component(entangled):
+    """Measured on the final models with one seed: the swap term of the run that trains it is below
+    the plain run's, and the run is otherwise a valid joint run (its bound within a few nats)."""
+    def measured(model):
+        torch.manual_seed(7)
+        mu, logvar = model.encode(X[:2000])
+        with torch.no_grad():
+            return swap_consistency(model, mu, logvar, [0, 1], model.prior.stats()).item()
+
+    plain, plain_history = joint(entangled, iters=300)
+    swapped, history = joint(entangled, iters=300, swap_weight=10.0)
+    assert "swap_ce" in history[-1] and "swap_ce" not in plain_history[-1]
+    assert measured(swapped) < 0.85 * measured(plain), (measured(swapped), measured(plain))  # measured: 0.66 / 0.87
+    assert abs(history[-1]["elbo"] - plain_history[-1]["elbo"]) < 5.0
+
+
+def test_the_adversary_empties_the_other_block_of_the_named_property():
+    """Known answer: block 1 starts as a noisy one-hot code of factor 0's label. Trained on the adversary's
+    loss alone (the block standing for the encoder's output), with weight 0 its classifier learns to read the
+    label (cross-entropy near 0); with weight 10 the block is emptied of most of it: the classifier's
+    cross-entropy stays near log K and a fresh least-squares probe of the final block reads the label at
+    0.74 (measured; chance 1/3), against 1.0 without. (Adversaries remove information only partly: the
+    block keeps moving away from the current classifier; the issue's note quotes this.)"""
+    def train(weight):
+        torch.manual_seed(0)
+        label = torch.randint(3, (600,))
+        block = torch.nn.functional.one_hot(label, 3).float() * 3 + 0.3 * torch.randn(600, 3)
+        mu = torch.stack((torch.randn(600, 3), block), 1).requires_grad_(True)  # (B, I = 2, D = 3)
+        adversary = Adversary(2, 3, [3, 3], [0])
+        opt = torch.optim.Adam([mu] + list(adversary.parameters()), lr=0.05)
+        gamma = torch.nn.functional.one_hot(label, 3).float()[:, None].expand(600, 2, 3)
+        for _ in range(300):
+            loss, ce = adversary(mu, gamma, weight)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        features = torch.cat((mu[:, 1].detach(), torch.ones(600, 1)), 1)
+        fit = torch.linalg.lstsq(features, gamma[:, 0]).solution
+        return ce.item(), ((features @ fit).argmax(-1) == label).float().mean().item()
+
+    ce_free, probe_free = train(0.0)
+    ce, probe = train(10.0)
+    assert ce_free < 0.05 and probe_free > 0.95
+    assert ce > 0.9 * math.log(3) and probe < 0.85, (ce, probe)
+
+
+def test_the_adversary_s_two_parts_train_two_parties():
+    """Its classifier's cross-entropy reaches only the classifier; the confusion term only the blocks."""
+    mu = torch.randn(8, 2, 3, requires_grad=True)
+    adversary = Adversary(2, 3, [3, 3], [0])
+    gamma = torch.softmax(torch.randn(8, 2, 3), -1)
+    _, ce = adversary(mu, gamma, 0.0)
+    loss, _ = adversary(mu, gamma, 0.0)
+    loss.backward()
+    assert mu.grad is None or mu.grad.abs().sum() == 0
+    adversary.zero_grad()
+    loss, _ = adversary(mu, gamma, 1.0)
+    torch.autograd.backward(loss - adversary(mu, gamma, 0.0)[0])  # the confusion term alone
+    assert mu.grad[:, 1].abs().sum() > 0 and mu.grad[:, 0].abs().sum() == 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in adversary.parameters())
+
+
+def test_a_resumed_run_continues_the_adversary_s_state(initialised, tmp_path):
+    """The adversary's classifiers are checkpointed with the model: a run stopped at step 50 and resumed
+    logs the uninterrupted run's curve to the bit (a resume with fresh classifiers would not)."""
+    cfg = dataclasses.replace(BASE, adversary_weight=1.0)
+    _, straight = joint(initialised, adversary_weight=1.0)
+
+    def stop(row, history):
+        if row["step"] == 50:
+            raise KeyboardInterrupt
+
+    model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
+    model.load_state_dict(initialised)
+    with pytest.raises(KeyboardInterrupt):
+        joint_train(model, DATA, cfg, CheckpointDir(tmp_path), "fp", on_log=stop, gradient_factors=[0, 1])
+    model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
+    model.load_state_dict(initialised)
+    resumed = joint_train(model, DATA, cfg, CheckpointDir(tmp_path), "fp", gradient_factors=[0, 1])
+    assert resumed == straight
+    assert not any(name.startswith("heads") for name in model.state_dict())
