@@ -56,6 +56,38 @@ def aggregate(results: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index().sort_values(["dataset", "I", "K"])
 
 
+def sweep_summary(results: pd.DataFrame) -> dict:
+    """The sweep's metrics for `dvc metrics show` / `dvc exp show`, per data set: trials done and failed,
+    the K of the best mean test ELBO over seeds, that ELBO, and its paired gain over each seed's smallest-K
+    trial (paired_change: mean, min and max over seeds)."""
+    summary = {}
+    for dataset, part in results.groupby("dataset"):
+        agg = aggregate(part)
+        best = agg.loc[agg["elbo_mean"].idxmax()] if len(agg) else None
+        summary[dataset] = {"trials_done": int((part["status"] == "done").sum()),
+                            "trials_failed": int((part["status"] != "done").sum())}
+        if best is not None:
+            summary[dataset] |= {"best_K": int(best["K"]), "best_elbo": round(float(best["elbo_mean"]), 4),
+                                 "best_gain": round(float(best["elbo_change_mean"]), 4),
+                                 "best_gain_min": round(float(best["elbo_change_min"]), 4),
+                                 "best_gain_max": round(float(best["elbo_change_max"]), 4),
+                                 "seeds": int(best["seeds"])}
+    return summary
+
+
+def pretraining_wide(curves: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The long pre-training curves (dataset, seed, I, step, elbo, kl) as one wide table per data set,
+    step then elbo_seed<s>[_I<i>] and kl_seed<s>[_I<i>] columns: what `dvc plots` draws as one line per column."""
+    tables = {}
+    for dataset, part in curves.groupby("dataset"):
+        series = part.assign(run=[f"seed{s}" + (f"_I{i}" if part["I"].nunique() > 1 else "")
+                                  for s, i in zip(part["seed"], part["I"])])
+        wide = series.pivot_table(index="step", columns="run", values=["elbo", "kl"])
+        wide.columns = [f"{term}_{run}" for term, run in wide.columns]
+        tables[dataset] = wide.reset_index()
+    return tables
+
+
 def budget(results: pd.DataFrame) -> str:
     """The training budget behind a set of trials, as one line for a figure."""
     def values(col):

@@ -1,6 +1,8 @@
 """Stage report: the paper's Figure 3 (test ELBO, reconstruction, KL[z], KL[r] against K) from the
 sweep's results: reports/figure3.png (every data set) and reports/figure3_<dataset>.{png,csv,md};
-and reports/figure3_pretraining.png, each shared pre-training's curve with its model's test bound."""
+and reports/figure3_pretraining.png, each shared pre-training's curve with its model's test bound.
+For DVC's own views: reports/sweep/summary.json (metrics) and reports/sweep/pretraining_<dataset>.csv
+(wide curves), drawn with the Figure 3 tables by `dvc plots show sweep/dvc.yaml`."""
 import matplotlib
 import pandas as pd
 from _common import REPORTS, main
@@ -9,7 +11,8 @@ matplotlib.use("Agg")  # files only: the script, not the library, chooses the ba
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fmvae.plots import _save  # noqa: E402
-from fmvae.report import figure3  # noqa: E402
+from fmvae.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
+from fmvae.report import figure3, pretraining_wide, sweep_summary  # noqa: E402
 
 
 def pretraining_figure(summary: pd.DataFrame, curves: pd.DataFrame, path):
@@ -38,9 +41,13 @@ def pretraining_figure(summary: pd.DataFrame, curves: pd.DataFrame, path):
 
 
 def report(params):
-    for path in figure3(pd.read_csv(REPORTS / "sweep" / "results.csv"), REPORTS):
+    results = pd.read_csv(REPORTS / "sweep" / "results.csv")
+    for path in figure3(results, REPORTS):
         print(f"report: {path}")
+    atomic_write_json(REPORTS / "sweep" / "summary.json", sweep_summary(results))  # the sweep's dvc metrics
     summary, curves = (pd.read_csv(REPORTS / "sweep" / f) for f in ("pretraining.csv", "pretraining_curves.csv"))
+    for dataset, wide in pretraining_wide(curves).items():  # dvc plots draws these (sweep/dvc.yaml)
+        atomic_write_text(REPORTS / "sweep" / f"pretraining_{dataset}.csv", wide.to_csv(index=False))
     print(f"report: {pretraining_figure(summary, curves, REPORTS / 'figure3_pretraining.png')}")
 
 

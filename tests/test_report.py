@@ -144,3 +144,45 @@ def test_semi_supervised_table_sets_ours_beside_kingma_et_al():
     assert list(t["model"]) == ["fmvae (10% labels)", "Kingma et al. 2014, M2", "Kingma et al. 2014, M1+M2"]
     assert list(t["accuracy_argmax_q_r"]) == [0.95, 0.880, 0.967]
     assert list(t["unlabelled_train_images"]) == [7200, 50000, 50000]
+
+
+def test_sweep_summary_names_the_best_k_its_paired_gain_and_the_trial_counts():
+    """binarized_mnist: K = 8 has the best mean (-96 over the two finished seeds), its paired gain over
+    each seed's K = 2 trial is +5 for both seeds; one trial failed."""
+    summary = report.sweep_summary(results_table())
+    mnist = summary["binarized_mnist"]
+    assert (mnist["best_K"], mnist["best_elbo"], mnist["seeds"]) == (8, -96.0, 2)
+    assert (mnist["best_gain"], mnist["best_gain_min"], mnist["best_gain_max"]) == (5.0, 5.0, 5.0)
+    assert (mnist["trials_done"], mnist["trials_failed"]) == (5, 1)
+    assert summary["omniglot"]["best_K"] == 2 and summary["omniglot"]["best_gain"] == 0.0
+
+
+def test_pretraining_curves_widen_to_one_column_per_seed():
+    long = pd.DataFrame({"dataset": "d", "I": 1, "seed": [0, 0, 1, 1], "step": [100, 200, 100, 200],
+                         "elbo": [-3.0, -2.0, -5.0, -4.0], "kl": [1.0, 2.0, 3.0, 4.0]})
+    wide = report.pretraining_wide(long)["d"]
+    assert list(wide.columns) == ["step", "elbo_seed0", "elbo_seed1", "kl_seed0", "kl_seed1"]
+    assert wide["elbo_seed1"].tolist() == [-5.0, -4.0] and wide["kl_seed0"].tolist() == [1.0, 2.0]
+
+
+def test_dvc_draws_figure3_and_reads_the_sweep_s_metrics_from_the_committed_reports():
+    """`dvc plots show --json` in the repository finds the nine K of each data set in Figure 3's ELBO
+    plot, and `dvc metrics show --json` the sweep's summary, whose best K is the Figure 3 table's."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    plots = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=root, capture_output=True,
+                                      text=True, check=True).stdout)
+    values = plots["data"]["Figure 3, test ELBO (11) against K"][0]["content"]["data"]["values"]
+    for dataset in ("binarized_mnist", "omniglot"):
+        ks = sorted(int(v["K"]) for v in values if v["filename"] == f"figure3_{dataset}.csv")
+        assert ks == [2, 4, 8, 16, 32, 64, 128, 256, 512], dataset
+    metrics = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=root, capture_output=True,
+                                        text=True, check=True).stdout)
+    summary = next(d["data"]["reports/sweep/summary.json"]["data"] for d in metrics.values()
+                   if "reports/sweep/summary.json" in d.get("data", {}))
+    for dataset in ("binarized_mnist", "omniglot"):
+        table = pd.read_csv(root / f"reports/figure3_{dataset}.csv")
+        assert summary[dataset]["best_K"] == int(table.loc[table["elbo_mean"].idxmax(), "K"])

@@ -150,9 +150,10 @@ def test_the_committed_sweep_s_params_file_is_valid_and_its_figures_are_declared
     stage declares exactly the files stages/report.py writes for its data sets, so none goes untracked."""
     params = load_params(ROOT / "params.yaml", sweep_file=ROOT / "sweep/params.yaml")
     spec = yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["stages"]["report"]
-    declared = {next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"] + spec["plots"]}
-    expected = {"reports/figure3.png", "reports/figure3_pretraining.png"} | \
-        {f"reports/figure3_{d}.{e}" for d in params["sweep"]["data"] for e in ("png", "csv", "md")}
+    declared = {next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"] + spec["plots"] + spec["metrics"]}
+    expected = {"reports/figure3.png", "reports/figure3_pretraining.png", "reports/sweep/summary.json"} | \
+        {f"reports/figure3_{d}.{e}" for d in params["sweep"]["data"] for e in ("png", "csv", "md")} | \
+        {f"reports/sweep/pretraining_{d}.csv" for d in params["sweep"]["data"]}
     assert declared == expected
     assert "--sweep-params sweep/params.yaml" in yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["stages"]["sweep"]["cmd"]
 
