@@ -185,9 +185,16 @@ class Storage:
         return local
 
 
+def phase_report(phase: str, row: dict) -> dict:
+    """A training log row as a Tune result: its terms under the phase's name and the phase's own step as
+    Tune's timesteps_total, so that Tune's TensorBoard logger draws pretrain/*, prior_init/* and joint/*
+    as separate series, each against its own iteration (ray/tune/joint/elbo, ...)."""
+    return {"phase": phase, phase: {k: v for k, v in row.items() if k != "step"}, "timesteps_total": row["step"]}
+
+
 def _checkpointing(workdir: Path, phase: str):
-    """on_log for train_stage: every log row goes to Tune, with the trial folder as a checkpoint
-    whenever training has saved a new checkpoint in it since the last report."""
+    """on_log for train_stage: every log row goes to Tune (phase_report), with the trial folder as a
+    checkpoint whenever training has saved a new checkpoint in it since the last report."""
     from ray import tune
     reported = [_checkpoint_files(workdir)]
 
@@ -195,7 +202,7 @@ def _checkpointing(workdir: Path, phase: str):
         files = _checkpoint_files(workdir)
         new = files != reported[0]
         reported[0] = files
-        tune.report({"phase": phase, **row}, checkpoint=tune.Checkpoint.from_directory(workdir) if new else None)
+        tune.report(phase_report(phase, row), checkpoint=tune.Checkpoint.from_directory(workdir) if new else None)
         if new and phase == "joint":
             _pause_if_asked(workdir)
     return on_log
@@ -480,8 +487,30 @@ def _config(result) -> dict:
         return json.loads(f.read())
 
 
-def _fit(trainable, space: dict, name: str, storage: Storage, sweep: dict, retry_failed: bool):
-    """Tuner.fit of one experiment in the storage, resumed (finished trials kept) if it exists."""
+LOGGER_CALLBACKS = {"mlflow": ("mlflow", "ray.air.integrations.mlflow", "MLflowLoggerCallback"),
+                    "wandb": ("wandb", "ray.air.integrations.wandb", "WandbLoggerCallback")}
+
+
+def logger_callbacks(names) -> list:
+    """Ray Tune's logger callbacks for `--callback mlflow|wandb` (beside Tune's own TensorBoard, CSV and JSON
+    loggers): each needs its package installed, and is refused before any work with how to get it."""
+    import importlib
+    import importlib.util
+    callbacks = []
+    for name in names:
+        if name not in LOGGER_CALLBACKS:
+            raise ParamError(f"--callback {name}: choose one of {', '.join(LOGGER_CALLBACKS)}")
+        package, module, cls = LOGGER_CALLBACKS[name]
+        if importlib.util.find_spec(package) is None:
+            raise ParamError(f"--callback {name}: the {package} package is not installed (pip install {package})")
+        kwargs = {"experiment_name": "fmvae"} if name == "mlflow" else {"project": "fmvae"}
+        callbacks.append(getattr(importlib.import_module(module), cls)(**kwargs))
+    return callbacks
+
+
+def _fit(trainable, space: dict, name: str, storage: Storage, sweep: dict, retry_failed: bool, callbacks=()):
+    """Tuner.fit of one experiment in the storage, resumed (finished trials kept) if it exists. (Tune keeps
+    a new experiment's callbacks; a resumed one runs without the extra logger callbacks.)"""
     from ray import tune
     path = f"{storage.uri.rstrip('/')}/ray"
     if tune.Tuner.can_restore(f"{path}/{name}"):
@@ -490,16 +519,33 @@ def _fit(trainable, space: dict, name: str, storage: Storage, sweep: dict, retry
     else:
         tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
             name=name, storage_path=path, failure_config=tune.FailureConfig(max_failures=sweep["max_failures"]),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1))
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1, callbacks=list(callbacks)))
     return tuner.fit()
 
 
-def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_failed: bool = False) -> pd.DataFrame:
-    """Run (or resume) the sweep; return one row per trial with its status."""
+def best_results(grid) -> dict:
+    """Per data set, the finished trial with the best test ELBO in a ResultGrid of K trials: {data set: Result}.
+    (ResultGrid.get_best_result ranks all results together; the data sets' bounds are on other scales, so each
+    is ranked within its own; results that carry no elbo, errored trials, are left out.)"""
+    best = {}
+    for result in grid:
+        elbo = (result.metrics or {}).get("elbo")
+        if result.error is None and elbo is not None:
+            dataset = _config(result)["trial"]["dataset"]
+            if dataset not in best or elbo > best[dataset].metrics["elbo"]:
+                best[dataset] = result
+    return best
+
+
+def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_failed: bool = False,
+              callbacks=()) -> pd.DataFrame:
+    """Run (or resume) the sweep; return one row per trial with its status. callbacks: logger_callbacks'
+    names (mlflow, wandb), checked before any work."""
     import ray
     from ray import tune
 
     s = params["sweep"]
+    callbacks = logger_callbacks(callbacks)
     storage = Storage(storage_uri)
     # each (data set, trial seed) prepared here (bad data settings fail before Ray starts), published once
     for dataset, seed in itertools.product(s["data"], s["seeds"]):
@@ -518,7 +564,7 @@ def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_
     start = time.time()
     pretrained = _fit(tune.with_resources(run_pretrain, resources),
                       {"params": tune.grid_search(pretrain_grid(params)), "storage": storage.uri},
-                      pretrain_experiment_name(params), storage, s, retry_failed)
+                      pretrain_experiment_name(params), storage, s, retry_failed, callbacks)
     failed_pretrain = {pretrain_key(_config(r)["params"]): _last_line(r.error) for r in pretrained if r.error is not None}
     if s["pack"] > 1:
         df = _packed_rows(params, storage, failed_pretrain, retry_failed, resources)
@@ -527,7 +573,11 @@ def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_
         return df
     grid = _fit(tune.with_resources(run_trial, resources),
                 {"trial": tune.grid_search(trial_grid(params)), "params": params, "storage": storage.uri},
-                experiment_name(params), storage, s, retry_failed)
+                experiment_name(params), storage, s, retry_failed, callbacks)
+    for dataset, result in sorted(best_results(grid).items()):
+        c = _config(result)["trial"]
+        print(f"sweep: best {dataset} trial: K = {c['K']}, I = {c['I']}, seed {c['seed']}, test ELBO "
+              f"{result.metrics['elbo']:.3f} ({result.path}; its TensorBoard files are there)")
     rows = []
     for r in grid:
         c = _config(r)["trial"]

@@ -6,6 +6,8 @@ model's test bound under N(0, I) and its training curve).
     python stages/sweep.py --sweep-params sweep/params.yaml   # a sweep's own params file (the committed CPU run)
     python stages/sweep.py --address HOST:6379 --storage s3://bucket/fmvae   # a Ray cluster, state in shared storage
     python stages/sweep.py --retry-failed               # rerun trials recorded as failed
+    python stages/sweep.py --callback mlflow            # also log trials to MLflow (pip install mlflow)
+    tensorboard --logdir checkpoints/sweep/ray          # every trial's curves: pretrain/*, prior_init/*, joint/*
 
 Interrupt it and run it again: finished trials are kept, unfinished ones resume from their last
 checkpoint in the storage (default checkpoints/sweep; FMVAE_SWEEP_STORAGE or --storage: a folder or
@@ -21,7 +23,7 @@ from fmvae.sweep import pretraining_report, run_sweep
 
 
 def sweep(params, args):
-    df = run_sweep(params, args.storage, args.address, args.retry_failed)
+    df = run_sweep(params, args.storage, args.address, args.retry_failed, args.callback)
     atomic_write_text(REPORTS / "sweep" / "results.csv", df.to_csv(index=False))
     pretrained, curves = pretraining_report(params, args.storage)
     atomic_write_text(REPORTS / "sweep" / "pretraining.csv", pretrained.to_csv(index=False))
@@ -39,5 +41,8 @@ if __name__ == "__main__":
                              "(s3://, gs://, file://); every node must reach it (default: FMVAE_SWEEP_STORAGE or "
                              "checkpoints/sweep)")
     parser.add_argument("--retry-failed", action="store_true", help="restart trials that failed before")
+    parser.add_argument("--callback", action="append", default=[], choices=["mlflow", "wandb"],
+                        help="also log every trial to MLflow (./mlruns, or MLFLOW_TRACKING_URI) or Weights & Biases "
+                             "(project fmvae); needs that package installed; repeatable")
     args = parser.parse_args()
     main(lambda params: sweep(params, args), args.sweep_params)

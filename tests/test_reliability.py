@@ -63,6 +63,10 @@ def test_checkpoints_and_reports_carry_provenance(reference):
                  load_checked(reference / "models/joint.pt")["provenance"]):
         assert prov["seed"] == 0 and prov["params"]["model"]["K"] == 3
         assert prov["versions"]["torch"] == torch.__version__ and "git_commit" in prov
+        from importlib.metadata import version
+        for name in ("torchvision", "dvc", "ray", "numpy", "pandas", "scipy", "matplotlib", "pyarrow"):
+            assert prov["versions"][name] == version(name), name  # every direct dependency's, as installed
+        assert prov["versions"]["python"].count(".") == 2
     assert ckpt["torch_rng"] is not None and ckpt["batcher"] is not None and ckpt["optimizer"] is not None
 
 

@@ -246,3 +246,53 @@ def test_the_storage_publishes_atomically_and_the_node_cache_never_serves_stale_
     assert not storage.cache_path("pretrain/a.pt").exists()
     assert not [p for p in storage.cache_path("pretrain/a.pt").parent.iterdir() if ".tmp-" in p.name]
 
+
+
+def tensorboard_scalars(folder) -> dict[str, list[int]]:
+    """{tag: [steps]} of every scalar in the TensorBoard event files below folder (TFRecord framing:
+    length, its CRC, the Event proto, its CRC; tensorboardX, which Ray Tune writes with, has the proto)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    scalars = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        data, at = path.read_bytes(), 0
+        while at + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(event.step)
+    return scalars
+
+
+def test_tensorboard_draws_each_phase_as_its_own_series_against_its_own_step(swept):
+    """Tune's TensorBoard logger (on by default) gets every log row under its phase's name with the phase's
+    step: pretrain/*, prior_init/* and joint/* are separate series, joint's steps the joint phase's own;
+    the driver names the best trial per data set."""
+    root, log = swept
+    scalars = tensorboard_scalars(root / "checkpoints/sweep/ray")
+    for tag in ("ray/tune/pretrain/elbo", "ray/tune/prior_init/kl_z", "ray/tune/joint/elbo", "ray/tune/joint/kl_r"):
+        assert tag in scalars, sorted(scalars)[:20]
+    assert max(scalars["ray/tune/joint/elbo"]) == SWEEP["iters"]["joint"]
+    assert max(scalars["ray/tune/pretrain/elbo"]) == SWEEP["iters"]["pretrain"]
+    # training rows only under their phase (grad_norm is in no final record): no tangled top-level line
+    assert "ray/tune/joint/grad_norm" in scalars and "ray/tune/grad_norm" not in scalars
+    assert "sweep: best synthetic trial: K = " in log
+
+
+def test_a_logger_callback_needs_its_package_and_is_refused_before_any_work(monkeypatch, tmp_path):
+    import importlib.util
+
+    from fmvae.params import ParamError
+    from fmvae.sweep import logger_callbacks, run_sweep
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    with pytest.raises(ParamError, match="the mlflow package is not installed"):
+        logger_callbacks(["mlflow"])
+    params = yaml.safe_load(yaml.safe_dump(tiny_params(sweep=SWEEP)))
+    with pytest.raises(ParamError, match="mlflow"):
+        run_sweep(params, str(tmp_path / "storage"), callbacks=["mlflow"])
+    assert not (tmp_path / "storage").exists()  # nothing prepared, no Ray started
+    with pytest.raises(ParamError, match="choose one of"):
+        logger_callbacks(["neptune"])
