@@ -175,7 +175,7 @@ class RunTable:
     run rows that enter its summary rows (those without a seed), which must share one code version."""
     stem: str
     key: str
-    kind: str  # default | mnist | celeba | sweep: how a run is found and rerun
+    kind: str  # default | mnist | celeba | compose | sweep: how a run is found and rerun
 
     @property
     def csv(self) -> Path:
@@ -198,7 +198,7 @@ class RunTable:
             return reports / "sweep", ROOT / "sweep" / "dvc.lock"
         if self.kind == "default" and name.startswith("dvc repro"):
             return reports, ROOT / "dvc.lock"
-        sub = {"default": "default_runs", "mnist": "mnist_semi", "celeba": "celeba"}[self.kind]
+        sub = {"default": "default_runs", "mnist": "mnist_semi", "celeba": "celeba", "compose": "mnist_compose"}[self.kind]
         return reports / sub / name, reports / sub / name / "dvc.lock"
 
     def averaged(self, df):
@@ -213,11 +213,12 @@ DEFAULT_RUNS = RunTable("default_runs", "run", "default")      # stages/seeds_ta
 MNIST_TABLE = RunTable("mnist_table", "model", "mnist")         # stages/semi_table.py
 CELEBA_TABLE = RunTable("celeba_table", "run", "celeba")        # stages/celeba_table.py, with ...
 CELEBA_VARIANTS = RunTable("celeba_variants", "run", "celeba")  # ... its variants
+COMPOSE_TABLE = RunTable("mnist_compose", "run", "compose")     # stages/compose_table.py
 
 
 def run_tables() -> list[RunTable]:
     """Every committed table that lists runs (Figure 3's: one per data set the sweep ran)."""
-    tables = [DEFAULT_RUNS, MNIST_TABLE, CELEBA_TABLE, CELEBA_VARIANTS]
+    tables = [DEFAULT_RUNS, MNIST_TABLE, CELEBA_TABLE, CELEBA_VARIANTS, COMPOSE_TABLE]
     tables += [RunTable(p.stem, "dataset", "sweep") for p in sorted((ROOT / "reports").glob("figure3_*.csv"))]
     return [t for t in tables if t.csv.exists()]
 

@@ -25,9 +25,9 @@ from fmvae.checkpoint import atomic_write_json
 from fmvae.params import flatten, validate
 from fmvae.report import write_table
 
-PRESETS = {"mnist": "mnist_semi", "celeba": "celeba_cpu"}
+PRESETS = {"mnist": "mnist_semi", "celeba": "celeba_cpu", "compose": "mnist_compose"}
 TABLE_SCRIPTS = {"default": "stages/seeds_table.py", "mnist": "stages/semi_table.py",
-                 "celeba": "stages/celeba_table.py"}
+                 "celeba": "stages/celeba_table.py", "compose": "stages/compose_table.py"}
 
 
 def read(table: runs.RunTable) -> pd.DataFrame:
@@ -74,6 +74,8 @@ def table_command(table: runs.RunTable, df: pd.DataFrame) -> str:
         seeds = read(runs.CELEBA_TABLE)
         base = [n for n in dict.fromkeys(seeds["run"]) if runs.CELEBA_TABLE.run_name(n)]
         return f"python {TABLE_SCRIPTS['celeba']} {' '.join(base)} --variant {' '.join(names)}"
+    if table.kind == "compose":  # its rows quote each run's diagnostics report
+        return f"python stages/diagnose.py {' '.join(names)} && python {TABLE_SCRIPTS['compose']} {' '.join(names)}"
     return f"python {TABLE_SCRIPTS[table.kind]} {' '.join(names)}"
 
 

@@ -1,6 +1,7 @@
 """What keeps every number tied to its params and code: declared DVC deps, one home for defaults."""
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -212,6 +213,29 @@ def test_the_committed_mnist_table_belongs_to_its_runs_the_preset_and_this_code(
     readme = (ROOT / "README.md").read_text()
     assert f"{rows['mnist_semi'].accuracy_argmax_q_r:.3f}" in readme
     assert f"{rows['mnist_semi'].judge_agreement_clamped_samples:.3f}" in readme
+
+
+def test_the_committed_compose_table_belongs_to_its_runs_and_their_diagnostics():
+    """reports/mnist_compose.csv (stages/compose_table.py) quotes, per run, the metrics and properties
+    copied to reports/mnist_compose/<name>/ and the diagnostics report of that very experiment; each run
+    differs from presets/mnist_compose.yaml (as it was at its commit) in exactly its `changed` column, and
+    its dvc.lock records the sources of the commit it names."""
+    import pandas as pd
+    table = pd.read_csv(ROOT / "reports/mnist_compose.csv")
+    assert {"mnist_compose", "mnist_compose_klz1"} <= set(table["run"])
+    for row in table.itertuples():
+        run = ROOT / "reports/mnist_compose" / row.run
+        props = json.loads((run / "properties.json").read_text())
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert (row.acc, row.agreement, row.elbo) == (props["acc_digit"], props["agreement_digit"], metrics["elbo"])
+        (digit,) = json.loads((ROOT / "reports/diagnostics" / f"{row.run}.json").read_text())["properties"]
+        assert row.round_trip == digit["round_trip"] and row.transplant_named == digit["transplant_carries_per_block"][0]
+        code = assert_run_names_the_code_it_ran(run)
+        preset = flatten(validate(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/mnist_compose.yaml"))))
+        used = flatten(yaml.safe_load((run / "params.yaml").read_text()))
+        changed = {k for k, v in used.items() if preset.get(k) != v and k != "data.mirror"}
+        stated = set(re.findall(r"(?:^|, )([A-Za-z_]+(?:\.[A-Za-z_]+)*)=", row.changed))
+        assert changed == stated, row.run
 
 
 def test_the_committed_default_runs_table_belongs_to_its_runs_and_this_code():
