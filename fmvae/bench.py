@@ -1,5 +1,6 @@
 """Benchmark: `python -m fmvae.bench [--device auto] [--tiny] [--modes ...] [--out reports/bench.json]`;
-`python -m fmvae.bench --pack 1 4 9 18 36` times packed trials instead (bench_packs).
+`python -m fmvae.bench --pack 1 4 9 18 36` times packed trials instead (bench_packs);
+`python -m fmvae.bench --levers` issue 34's levers off and on (bench_levers).
 
 Measures, side by side in one run (plain and joint blocks interleaved, warm-up
 excluded, median of the repeats):
@@ -130,6 +131,52 @@ def bench_training(model: str, K, args, device, mode: str = "eager", bf16: bool 
     return row
 
 
+LEVERS = {"off": {}, "swap": {"swap_weight": 10.0}, "adversary": {"adversary_weight": 10.0},
+          "swap+adversary": {"swap_weight": 10.0, "adversary_weight": 10.0}}
+
+
+def bench_levers(args, device) -> list[dict]:
+    """Joint-step iterations/s with issue 34's levers (fmvae.levers) off and on, side by side: the
+    composition proxy's model (conv28, I = 2, K = (10, 10), D = 32, the digit labelled on 10% of images)
+    and the CelebA CPU preset's (conv64 at widths 32-64-128-256, I = 5, K = (2, 2, 2, 64, 64), D = 64,
+    three properties labelled on 40%); eager steps, Delta on, as in those runs."""
+    from .levers import Adversary
+    rows = []
+    shapes = [("mnist_compose", "conv28", "binary", (1, 28, 28), [10, 10], 32, 1, 0.1, 300.0, ()),
+              ("celeba_cpu", "conv64", "rgb", (3, 64, 64), [2, 2, 2, 64, 64], 64, 3, 0.4, 1000.0, (32, 64, 128, 256))]
+    for name, arch, kind, x_shape, K, D, named, fraction, delta, channels in shapes:
+        if name == "celeba_cpu" and args.no_celeba:
+            continue
+        x, to_float = _pool(kind, 1024 if not args.tiny else 64, device)
+        g = torch.Generator().manual_seed(1)
+        labels = torch.full((len(x), len(K)), -1, dtype=torch.long)
+        seen = torch.rand(len(x), generator=g) < fraction
+        labels[seen, :named] = torch.stack([torch.randint(0, K[i], (int(seen.sum()),), generator=g)
+                                            for i in range(named)], 1)
+        labels = labels.to(device)
+        steps = {}
+        for lever, settings in LEVERS.items():
+            cfg = TrainConfig(iters=0, batch_size=args.batch_size if not args.tiny else 8, delta=delta,
+                              compile=False, cuda_graph=False, **settings)
+            torch.manual_seed(0)
+            model = FMVAE(arch, x_shape, K, D, channels=channels).to(device)
+            with torch.no_grad():
+                mu, logvar = model.encode(to_float(x[:512]))
+            model.prior.init_from_encodings(mu, logvar.exp(), len(x), torch.Generator().manual_seed(0))
+            model.prior.use_gradient_factors(list(range(named)))
+            params = model.network_parameters() + model.prior.gradient_parameters()
+            adversary = Adversary(model.I, D, K, list(range(named))).to(device) if cfg.adversary_weight > 0 else None
+            params += list(adversary.parameters()) if adversary is not None else []
+            opt = _optimizer(params, cfg)
+            steps[lever] = make_runner(joint_step(model, opt, cfg, len(x), params, named=list(range(named)),
+                                                  adversary=adversary),
+                                       Batcher(TrainData(x, to_float, labels), cfg.batch_size, 0), cfg, opt, model.prior)
+        t = _time_side_by_side(steps, args.iters, args.repeats, args.warmup, device)
+        rows += [{"model": name, "lever": lever, "device": str(device), "joint_it_s": 1 / t[lever],
+                  "time_ratio_to_off": t[lever] / t["off"]} for lever in LEVERS]
+    return rows
+
+
 def bench_packs(args, device) -> tuple[list[dict], str | None]:
     """Trial-iterations per second of the MNIST joint step for packs of args.pack trials (fmvae.pack;
     K cycling through 2, 4, ..., 512 as in Figure 3's grid, one seed each), side by side with one
@@ -255,6 +302,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="with --pack: torch.profiler's top operators at the pack size with the most "
                         "trial-iterations/s, written beside --out as .profile.txt")
+    p.add_argument("--levers", action="store_true",
+                   help="time the joint step with issue 34's levers off and on, side by side (bench_levers)")
     p.add_argument("--tiny", action="store_true", help="a few iterations at batch 8: checks that it runs")
     p.add_argument("--out", default="reports/bench.json")
     return p
@@ -288,7 +337,13 @@ def run(args) -> list[dict]:
 def main(argv=None) -> list[dict]:
     args = parser().parse_args(argv)
     profile = None
-    if args.pack:
+    if args.levers:
+        if args.tiny:
+            args.iters, args.repeats, args.warmup = 2, 1, 2
+        rows = bench_levers(args, resolve_device(args.device))
+        print("\n".join(f"{r['model']:>14} {r['lever']:>15}: {r['joint_it_s']:7.2f} it/s, "
+                        f"{r['time_ratio_to_off']:.2f}x the time of the step without levers" for r in rows))
+    elif args.pack:
         if args.tiny:
             args.iters, args.repeats, args.warmup = 2, 1, 4
         rows, profile = bench_packs(args, resolve_device(args.device))

@@ -109,7 +109,7 @@ def sample_grid(model, ds, factors, max_components: int, path: Path, per_cell: i
     ax.xaxis.tick_top()
     ax.set_ylabel(f"factor {a}" + (f" ({names[a]})" if a in names else ": component (mixture weight)"))
     ax.set_xlabel(x_label)
-    mean_of = f"each cell the mean of {per_cell} samples" if a != b else "one sample per cell"
+    mean_of = f"each cell the mean of {per_cell} samples" if a != b and per_cell > 1 else "one sample per cell"
     ax.set_title(f"{ds.name}, K = {list(model.K)}: conditional samples, {mean_of}", fontsize=9, pad=40 if a != b else 18)
     return _save(fig, path), cells.view(len(rows), len(cols), *cells.shape[1:])
 

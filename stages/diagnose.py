@@ -7,7 +7,9 @@ For each experiment this loads its prepared data and trained model from DVC's ca
 its judge again as its properties stage did (same seed and steps), and measures on the test images, for
 each labelled property p and its factor p: the per-block linear probe, the decoder's read per block,
 the block transplant, the move of block p between component means, the prior's fit to the classes, the
-judge-free round trip, and for every factor its components' shares and NMI with the property. Beside
+judge-free round trip, and for every factor its components' shares and NMI with the property; with a free
+factor, it draws the composition figure (NAME_grid.png: the first property's values as rows, the first free
+factor's components as columns, each cell one clamped draw). Beside
 every judged number it reports the judge's own per-class recall on real test images: the ceiling an
 agreement can reach. The report names the run's commit and the code that measured it.
 """
@@ -17,14 +19,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import matplotlib
 import torch
 import yaml
 from _common import REPORTS, ROOT
 
-from fmvae import diagnostics as dg, evaluate as ev
-from fmvae.checkpoint import atomic_write_json, atomic_write_text, git_commit, host
-from fmvae.experiments import full_rev, load_run, show
-from fmvae.report import _predict, train_judge
+matplotlib.use("Agg")  # files only: the script, not the library, chooses the backend
+
+from fmvae import diagnostics as dg, evaluate as ev, plots  # noqa: E402
+from fmvae.checkpoint import atomic_write_json, atomic_write_text, git_commit, host  # noqa: E402
+from fmvae.experiments import full_rev, load_run, show  # noqa: E402
+from fmvae.report import _predict, train_judge  # noqa: E402
 
 POINTS = 2000  # test images each measure uses (the first ones of a seeded permutation)
 
@@ -67,6 +72,12 @@ def diagnose(name: str) -> dict:
             "prior_fit": dg.prior_fit(model, mu, y, p),
             "round_trip": dg.round_trip(model, p, seed=params["seed"]),
             "factor_usage": dg.factor_usage(assignments, y, model.K)})
+    free = [i for i in range(model.I) if i >= len(ds.property_names)]
+    if free:  # the composition figure: named values (rows) x the first free factor's components, one draw each
+        torch.manual_seed(params["seed"])
+        names = dict(enumerate(ds.property_names))
+        plots.sample_grid(model, ds, (0, free[0]), params["plot"]["max_components"],
+                          REPORTS / "diagnostics" / f"{name}_grid.png", per_cell=1, names=names)
     return out
 
 

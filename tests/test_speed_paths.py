@@ -88,3 +88,11 @@ def test_the_pack_benchmark_runs_and_writes_its_rows(tmp_path):
     best = max(rows[1:], key=lambda r: r["trial_it_s"])["pack"]  # profiled: the best pack's step
     profile = (tmp_path / "bench.profile.txt").read_text()
     assert profile.startswith(f"pack {best} ") and "Self CPU" in profile and "aten::" in profile
+
+
+def test_the_lever_benchmark_times_each_lever_beside_the_step_without(tmp_path):
+    out = tmp_path / "bench.json"
+    rows = bench.main(["--levers", "--tiny", "--no-celeba", "--out", str(out)])
+    assert [r["lever"] for r in rows] == list(bench.LEVERS)
+    assert rows[0]["time_ratio_to_off"] == 1.0 and all(r["joint_it_s"] > 0 for r in rows)
+    assert json.loads(out.read_text()) == rows
