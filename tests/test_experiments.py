@@ -124,3 +124,27 @@ def test_the_mnist_table_is_built_from_named_experiments(tmp_path):
     assert "Kingma et al. 2014, M1+M2" in (root / "reports/mnist_table.md").read_text()
     missing = run(["python", "stages/semi_table.py", "nope"], root, check=False)
     assert missing.returncode != 0 and "experiment 'nope'" in missing.stderr
+
+
+def test_a_tiny_mnist_compose_with_both_levers_runs_end_to_end_and_is_tabled(repo):
+    """Issue 34's proxy through DVC: the mnist_compose preset (the mirror's labelled MNIST, digit named,
+    free factor K = 10) at tiny budgets with both levers, as a named experiment; then its diagnostics report
+    and composition figure, and its row in the composition table, which quotes that report and the
+    experiment's own metrics."""
+    tiny = ["-S", "pretrain.iters=20", "-S", "prior_init.iters=5", "-S", "prior_init.init_points=500", "-S",
+            "joint.iters=20", "-S", "properties.judge_iters=20", "-S", "properties.samples=50", "-S",
+            "evaluate.iw_samples=0", "-S", "model.D=4", "-S", "plot.samples_per_cell=2",
+            "-S", "semi.swap_weight=1.0", "-S", "semi.adversary_weight=1.0"]
+    res = run(["python", "stages/preset.py", "mnist_compose", "-n", "tiny_compose", *tiny], repo, timeout=1200)
+    assert "Ran experiment(s): tiny_compose" in res.stdout + res.stderr
+    run(["python", "stages/diagnose.py", "tiny_compose"], repo, timeout=900)
+    report = json.loads((repo / "reports/diagnostics/tiny_compose.json").read_text())
+    assert report["params"]["semi"]["swap_weight"] == 1.0 and report["properties"][0]["property"] == "digit"
+    assert (repo / "reports/diagnostics/tiny_compose_grid.png").read_bytes()[:4] == b"\x89PNG"
+    run(["python", "stages/compose_table.py", "tiny_compose"], repo, timeout=600)
+    import pandas as pd
+    (row,) = pd.read_csv(repo / "reports/mnist_compose.csv").itertuples()
+    props = json.loads((repo / "reports/mnist_compose/tiny_compose/properties.json").read_text())
+    assert row.run == "tiny_compose" and row.agreement == props["agreement_digit"]
+    assert row.round_trip == report["properties"][0]["round_trip"]
+    assert "semi.swap_weight=1.0" in row.changed and "semi.adversary_weight=1.0" in row.changed
