@@ -4,7 +4,7 @@
     python stages/diagnose.py NAME                                             # its diagnostics report
     python stages/compose_table.py mnist_compose mnist_compose_klz1 NAME ...
 
-One row per experiment: what it changed from the preset (the levers and their weights), its test bound,
+One row per experiment: what it changed from the preset as it was at the run's commit, its test bound,
 the accuracy of argmax q(r|x), the judge's agreement with clamped samples beside the judge's own test
 accuracy (its ceiling), and the diagnostics that say why (reports/diagnostics/NAME.json: the free
 factor's used components and NMI with the digit, the judge-free round trip, the decoder's read from the
@@ -15,7 +15,7 @@ import argparse
 import json
 
 import yaml
-from _common import REPORTS, ROOT
+from _common import REPORTS
 
 from fmvae import runs
 from fmvae.checkpoint import atomic_write_bytes
@@ -40,7 +40,7 @@ def run_row(name: str) -> dict:
                          f"is now {rev[:7]}: run python stages/diagnose.py {name} again")
     for path in COPIED:
         atomic_write_bytes(REPORTS / PRESET / name / path.split("/")[-1], show(rev, path))
-    preset = flatten(validate(yaml.safe_load((ROOT / "presets" / f"{PRESET}.yaml").read_text())))
+    preset = flatten(validate(yaml.safe_load(show(rev, f"presets/{PRESET}.yaml"))))  # the preset the run was given
     changed = {k: v for k, v in flatten(params).items() if preset.get(k) != v and not k.startswith("data.mirror")}
     metrics, props = json.loads(show(rev, "reports/metrics.json")), json.loads(show(rev, "reports/properties.json"))
     (digit,) = diagnosis["properties"]
