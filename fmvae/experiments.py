@@ -18,17 +18,19 @@ def show(rev: str, path: str) -> bytes:
 
 
 def full_rev(name: str) -> str:
-    """The experiment's commit; of several of that name (one per baseline commit: rerun after a code
-    change), the newest, said."""
-    refs = subprocess.run(["git", "for-each-ref", "--sort=-committerdate",
-                           "--format=%(objectname) %(committerdate:iso) %(refname)", "refs/exps"], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout.split("\n")
-    found = [line.split() for line in refs if line.endswith(f"/{name}")]
+    """The experiment's commit, found through DVC's own listing (`dvc exp list --all-commits`, whose API
+    this is); of several of that name (one per baseline commit: rerun after a code change), the newest, said."""
+    from dvc.repo import Repo
+    with Repo(str(ROOT)) as repo:
+        listed = repo.experiments.ls(all_commits=True)  # {baseline: [(name, commit), ...]}
+    found = [sha for runs in listed.values() for exp, sha in runs if exp == name]
     if not found:
-        raise SystemExit(f"error: experiment {name!r}: no ref named so (run `dvc exp list --all-commits`)")
-    if len(found) > 1:
-        print(f"{name}: {len(found)} experiments of that name; using the newest ({' '.join(found[0][1:3])})")
-    return found[0][0]
+        raise SystemExit(f"error: experiment {name!r}: none of that name (run `dvc exp list --all-commits`)")
+    dated = sorted(((int(subprocess.run(["git", "show", "-s", "--format=%ct", sha], cwd=ROOT, capture_output=True,
+                                        text=True, check=True).stdout), sha) for sha in found), reverse=True)
+    if len(dated) > 1:
+        print(f"{name}: {len(dated)} experiments of that name; using the newest ({dated[0][1][:7]})")
+    return dated[0][1]
 
 
 def load_run(rev: str, params: dict, work: Path):

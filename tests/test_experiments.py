@@ -11,7 +11,7 @@ from helpers import copy_project, run, tiny_params
 # What README tells a user to compare experiments with (dep columns dropped, unchanged ones hidden)
 EXP_SHOW = ["dvc", "exp", "show", "--no-pager", "--only-changed", "--precision", "3",
             "--drop", "Created|fmvae/|stages/|data/|models/|reports/"]
-METRICS_SHOW = ["dvc", "metrics", "show", "--precision", "3"]
+METRICS_SHOW = ["dvc", "metrics", "show", "reports/metrics.json", "--precision", "3"]  # the sweep's are sweep/dvc.yaml's
 NARROW = {"COLUMNS": "120", "LINES": "50"}
 
 

@@ -165,22 +165,20 @@ def test_pretraining_curves_widen_to_one_column_per_seed():
     assert wide["elbo_seed1"].tolist() == [-5.0, -4.0] and wide["kl_seed0"].tolist() == [1.0, 2.0]
 
 
-def test_dvc_draws_figure3_and_reads_the_sweep_s_metrics_from_the_committed_reports():
+def test_dvc_draws_figure3_and_reads_the_sweep_s_metrics_from_the_committed_reports(tmp_path):
     """`dvc plots show --json` in the repository finds the nine K of each data set in Figure 3's ELBO
     plot, and `dvc metrics show --json` the sweep's summary, whose best K is the Figure 3 table's."""
     import json
-    import subprocess
     from pathlib import Path
 
+    from helpers import run
     root = Path(__file__).resolve().parents[1]
-    plots = json.loads(subprocess.run(["dvc", "plots", "show", "--json"], cwd=root, capture_output=True,
-                                      text=True, check=True).stdout)
+    plots = json.loads(run(["dvc", "plots", "show", "--json", "-o", str(tmp_path)], root).stdout)  # the venv's dvc
     values = plots["data"]["Figure 3, test ELBO (11) against K"][0]["content"]["data"]["values"]
     for dataset in ("binarized_mnist", "omniglot"):
         ks = sorted(int(v["K"]) for v in values if v["filename"] == f"figure3_{dataset}.csv")
         assert ks == [2, 4, 8, 16, 32, 64, 128, 256, 512], dataset
-    metrics = json.loads(subprocess.run(["dvc", "metrics", "show", "--json"], cwd=root, capture_output=True,
-                                        text=True, check=True).stdout)
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
     summary = next(d["data"]["reports/sweep/summary.json"]["data"] for d in metrics.values()
                    if "reports/sweep/summary.json" in d.get("data", {}))
     for dataset in ("binarized_mnist", "omniglot"):
