@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def show(rev: str, path: str) -> bytes:
-    return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, capture_output=True, check=True).stdout
+    """A file of the project as it is in an experiment's commit (or any rev), through dvc.api: a file git
+    tracks comes from that commit, a DVC-tracked output from the cache."""
+    return dvc.api.read(path, repo=str(ROOT), rev=rev, mode="rb")
 
 
 def full_rev(name: str) -> str:
