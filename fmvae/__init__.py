@@ -8,8 +8,8 @@
     fmvae.step        how an iteration runs (eager, compiled, CUDA graph) and the loop: checkpoints, resume
     fmvae.evaluate    test bound, accuracies
     fmvae.data        data sets, downloads and the local mirror
-    fmvae.params      params.yaml: loading and validation against fmvae.schema
-    fmvae.config      what the training stages share: device, model, TrainConfig, the code digest
+    fmvae.params      every setting declared once (typed sections of params.yaml), its loading and checks, TrainConfig
+    fmvae.config      what the training stages share: device, model, the code digest
     fmvae.runs        committed runs and the commit whose code made them
 """
 __all__ = ["FMVAE", "FactorialMixturePrior", "Hyperprior"]

@@ -28,7 +28,8 @@ import torch
 from .evaluate import evaluate_bound, importance_weighted_log_likelihood
 from .model import FMVAE
 from .step import Batcher, TrainData, make_runner
-from .train import TrainConfig, joint_step, pretrain_step, _optimizer
+from .params import TrainConfig
+from .train import joint_step, optimizer, pretrain_step
 
 MODES = {"eager": dict(compile=False, cuda_graph=False), "graph": dict(compile=False, cuda_graph=True),
          "compiled": dict(compile=True, cuda_graph=True)}
@@ -63,9 +64,9 @@ def _models(arch, x_shape, K, D, device, delta, x, to_float, labels, cfg, n_tota
     gradient = list(range(3)) if delta > 0 else []
     if gradient:
         joint.prior.use_gradient_factors(gradient)
-    p_opt = _optimizer(plain.network_parameters(), cfg)
+    p_opt = optimizer(plain.network_parameters(), cfg)
     j_params = joint.network_parameters() + (joint.prior.gradient_parameters() if gradient else [])
-    j_opt = _optimizer(j_params, cfg)
+    j_opt = optimizer(j_params, cfg)
     p_run = make_runner(pretrain_step(plain, p_opt, cfg), Batcher(TrainData(x, to_float), cfg.batch_size, 0), cfg,
                         p_opt)
     j_run = make_runner(joint_step(joint, j_opt, cfg, n_total, j_params),
@@ -103,7 +104,7 @@ def bench_training(model: str, K, args, device, mode: str = "eager", bf16: bool 
         seen = torch.rand(len(x), generator=g) < 0.4
         labels[seen, :3] = torch.randint(0, 2, (int(seen.sum()), 3), generator=g)
         labels = labels.to(device)
-    cfg = TrainConfig(iters=0, batch_size=batch, lr=1e-4, delta=delta, amp=bf16, tau0=2000.0, kappa=0.7,
+    cfg = TrainConfig(iters=0, batch_size=batch, lr=1e-4, delta=delta, bf16=bf16, tau0=2000.0, kappa=0.7,
                       **MODES[mode])
     if cfg.compile:
         torch._dynamo.reset()  # each configuration compiles afresh, never past dynamo's recompile limit
@@ -167,7 +168,7 @@ def bench_levers(args, device) -> list[dict]:
             params = model.network_parameters() + model.prior.gradient_parameters()
             adversary = Adversary(model.I, D, K, list(range(named))).to(device) if cfg.adversary_weight > 0 else None
             params += list(adversary.parameters()) if adversary is not None else []
-            opt = _optimizer(params, cfg)
+            opt = optimizer(params, cfg)
             steps[lever] = make_runner(joint_step(model, opt, cfg, len(x), params, named=list(range(named)),
                                                   adversary=adversary),
                                        Batcher(TrainData(x, to_float, labels), cfg.batch_size, 0), cfg, opt, model.prior)
@@ -201,12 +202,12 @@ def bench_packs(args, device) -> tuple[list[dict], str | None]:
     def runner(size):
         if size == 0:  # one trial alone, the sweep's step today
             model = member(0)
-            opt = _optimizer(model.network_parameters(), cfg)
+            opt = optimizer(model.network_parameters(), cfg)
             step = joint_step(model, opt, cfg, n_total, model.network_parameters())
             return make_runner(step, Batcher(data, batch, 0), cfg, opt, model.prior)
         pack = PackedModel([member(i) for i in range(size)], range(size))
         params = pack.network_parameters()
-        opt = _optimizer(params, cfg)
+        opt = optimizer(params, cfg)
         step = joint_step(pack, opt, cfg, n_total, params)
         return make_runner(step, PackBatcher([data] * size, batch, range(size), pack), cfg, opt, pack.prior,
                            pack.generators)

@@ -28,9 +28,9 @@ import torch
 from torchvision.utils import make_grid
 
 from .data import DataError
-from .data.celeba import ATTRIBUTES, PARTITION, _Source, read_celeba_attributes
-from .plots import _save, _to_unit, component_label, components
-from .report import _predict
+from .data.celeba import ATTRIBUTES, PARTITION, ImageSource, read_celeba_attributes
+from .plots import component_label, components, save_figure, to_unit
+from .report import predict
 
 # Figure 6's column titles: a property's value 1 and 0, as the paper abbreviates them.
 ABBREVIATIONS = {"Male": ("m", "f"), "Eyeglasses": ("g", "ng"), "Smiling": ("s", "ns")}
@@ -105,7 +105,7 @@ def factor_swap(model, judge, ds, batch: int = 500) -> list[dict]:
 
 def _judge(judge, model, z, ds) -> torch.Tensor:
     images = model.decode_mean(z.reshape(len(z), -1))
-    return _predict(judge, images.clamp(-1, 1) if ds.kind == "rgb" else images)
+    return predict(judge, images.clamp(-1, 1) if ds.kind == "rgb" else images)
 
 
 def attributes_of_test_images(folder: Path, ds) -> tuple[list[str], np.ndarray]:
@@ -116,7 +116,7 @@ def attributes_of_test_images(folder: Path, ds) -> tuple[list[str], np.ndarray]:
     names = (folder / ATTRIBUTES).read_text().splitlines()[1].split()
     files, values = read_celeba_attributes(folder / ATTRIBUTES, names)
     partition = dict(ln.split() for ln in (folder / PARTITION).read_text().splitlines() if ln.strip())
-    absent = set(_Source(folder).missing(files))
+    absent = set(ImageSource(folder).missing(files))
     test = np.array([f not in absent and partition.get(f) == "2" for f in files])
     values = values[test]
     mine = values[:, [names.index(p) for p in ds.property_names]]
@@ -150,7 +150,7 @@ def nmi_heatmap(table: pd.DataFrame, path: Path, title: str) -> Path:
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < 0.6 * vmax else "k")
     fig.colorbar(shown, ax=ax, label="normalised mutual information")
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def held_row_means(model, columns: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _grid_figure(ds, cells: torch.Tensor, col_labels: list[str], row_label: str, title: str, path: Path) -> Path:
     rows, cols = cells.shape[:2]
-    images = _to_unit(ds, cells.flatten(0, 1))
+    images = to_unit(ds, cells.flatten(0, 1))
     pad = 2
     grid = make_grid(images, nrow=cols, padding=pad, pad_value=1.0)
     h, w = images.shape[-2:]
@@ -189,7 +189,7 @@ def _grid_figure(ds, cells: torch.Tensor, col_labels: list[str], row_label: str,
     ax.set_yticks([])
     ax.set_ylabel(row_label, fontsize=8)
     ax.set_title(title, fontsize=9, pad=22)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def property_columns(names: list[str]) -> tuple[torch.Tensor, list[str]]:
@@ -238,9 +238,9 @@ def figure5(model, ds, path: Path, n: int = 6) -> Path:
     fig, axes = plt.subplots(3, n, figsize=(1.4 * n + 1.2, 4.6), squeeze=False)
     vmax = float(std.mean(1).max())
     for j in range(n):
-        axes[0][j].imshow(_to_unit(ds, mean[j:j + 1])[0].permute(1, 2, 0).numpy())
+        axes[0][j].imshow(to_unit(ds, mean[j:j + 1])[0].permute(1, 2, 0).numpy())
         shown = axes[1][j].imshow(std[j].mean(0).cpu().numpy(), cmap="viridis", vmin=0, vmax=vmax)
-        axes[2][j].imshow(_to_unit(ds, sample[j:j + 1])[0].permute(1, 2, 0).numpy())
+        axes[2][j].imshow(to_unit(ds, sample[j:j + 1])[0].permute(1, 2, 0).numpy())
     for ax in axes.ravel():
         ax.set_xticks([]), ax.set_yticks([])
     for r, label in enumerate(("mean", "std (mean\nof R, G, B)", "sample")):
@@ -249,4 +249,4 @@ def figure5(model, ds, path: Path, n: int = 6) -> Path:
     fig.colorbar(shown, cax=fig.add_axes([0.90, 0.38, 0.015, 0.24]), label="std of p(x|z), pixel values in [-1, 1]")
     fig.suptitle(f"Figure 5: p(x|z) for {n} z drawn from (10): mean, standard deviation (in [0.001, 0.4]) and a sample",
                  fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

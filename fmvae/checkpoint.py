@@ -182,8 +182,10 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def provenance(params: dict | None = None) -> dict:
-    """What produced a file: params, seed, package versions, git commit, host and threads."""
+def provenance(params=None) -> dict:
+    """What produced a file: params (typed params stored as their plain dict), seed, package versions,
+    git commit, host and threads."""
     versions = package_versions()
-    return {"params": params or {}, "seed": (params or {}).get("seed"), "versions": versions,
+    params = params.to_dict() if hasattr(params, "to_dict") else (params or {})
+    return {"params": params, "seed": params.get("seed"), "versions": versions,
             "git_commit": git_commit(), "host": host()}

@@ -1,8 +1,9 @@
-"""What the training stages share: the device, the model params ask for, each phase's TrainConfig, and
-the digest of the training sources that keys every checkpoint and sweep trial (fmvae.params loads and
-validates params.yaml)."""
+"""What the training stages share: the device, the model params ask for, and the digest of the training
+sources that keys every checkpoint and sweep trial (fmvae.params declares, loads and validates params.yaml,
+and builds each phase's TrainConfig)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -12,12 +13,12 @@ import torch
 
 from .data import Dataset
 from .model import FMVAE
-from .params import ParamError, K_list, flatten
+from .params import ParamError, Params
 from .prior import Hyperprior
-from .train import TRAIN_KEYS, TrainConfig
 
-def device(params: dict) -> torch.device:
-    d = params["device"]
+
+def device(params: Params) -> torch.device:
+    d = params.device
     if d == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if d.startswith("cuda") and not torch.cuda.is_available():
@@ -25,10 +26,9 @@ def device(params: dict) -> torch.device:
     return torch.device(d)
 
 
-def build_model(params: dict, ds: Dataset) -> FMVAE:
-    arch = params["model"]["arch"]
-    return FMVAE(ds.arch if arch == "auto" else arch, ds.x_shape, K_list(params), params["model"]["D"], Hyperprior(),
-                 params["model"]["channels"])
+def build_model(params: Params, ds: Dataset) -> FMVAE:
+    m = params.model
+    return FMVAE(ds.arch if m.arch == "auto" else m.arch, ds.x_shape, m.Ks, m.D, Hyperprior(), m.channels)
 
 
 def model_config(model: FMVAE, with_prior: bool = True) -> dict:
@@ -49,25 +49,12 @@ def check_model_config(saved: dict, model: FMVAE, path) -> None:
                              "rerun the earlier stages (dvc repro) or fix params.yaml")
 
 
-# the phase whose section a TrainConfig key belongs to; keys of other phases keep their defaults
-PHASE_SECTIONS = {"pretrain": ("pretrain",), "prior_init": ("prior_init",), "joint": ("joint", "semi")}
-
-
-def train_config(params: dict, phase: str) -> TrainConfig:
-    """The TrainConfig of one phase: every field from params (TRAIN_KEYS), iterations from <phase>.iters."""
-    flat = flatten(params)
-    shared = ("seed", "train", "svi")
-    fields = {f: flat[key] for f, key in TRAIN_KEYS.items()
-              if key == "seed" or key.split(".")[0] in shared + PHASE_SECTIONS[phase]}
-    return TrainConfig(iters=params[phase]["iters"], **fields)
-
-
 # The training sources: the package's code that a trained or evaluated number depends on, so that a
 # change to any of them re-keys every checkpoint and sweep trial, and a change to a figure or table module
 # (plots, report, runs) or a script re-keys none. Declared here, not derived from which imports happen to
 # sit at module level; tests/test_trust.py checks it is exactly what the training stages import.
 TRAINING_SOURCES = ("__init__.py", "checkpoint.py", "clustering.py", "config.py", "data", "distributions",
-                    "evaluate.py", "levers.py", "model.py", "nets.py", "params.py", "pipeline.py", "prior.py", "schema.py",
+                    "evaluate.py", "levers.py", "model.py", "nets.py", "params.py", "pipeline.py", "prior.py",
                     "step.py", "train.py")
 
 
@@ -94,5 +81,8 @@ def code_digest() -> str:
 
 
 def fingerprint(*parts) -> str:
-    """A digest of the settings and inputs a stage's result depends on (resume only if equal)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """A digest of the settings and inputs a stage's result depends on (resume only if equal). Typed
+    params and phase configs enter as the plain dicts of their values, so a digest does not depend on
+    which of the two forms a caller holds."""
+    plain = lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) and not isinstance(o, type) else str(o)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=plain).encode()).hexdigest()[:16]

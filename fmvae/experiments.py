@@ -7,8 +7,10 @@ from pathlib import Path
 
 import dvc.api
 import torch
+import yaml
 
 from . import pipeline
+from .params import Params, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +37,12 @@ def full_rev(name: str) -> str:
     return dated[0][1]
 
 
-def load_run(rev: str, params: dict, work: Path):
+def run_params(rev: str) -> Params:
+    """The params an experiment ran with (its params.yaml, validated: keys added since take their defaults)."""
+    return validate(yaml.safe_load(show(rev, "params.yaml")))
+
+
+def load_run(rev: str, params: Params, work: Path):
     """The run's prepared data and trained model, from DVC's cache at its commit."""
     for path in ("data/prepared/dataset.pt", "models/joint.pt"):
         for part in (path, path + ".sha256"):  # each with the checksum load_checked verifies

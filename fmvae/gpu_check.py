@@ -42,15 +42,13 @@ import yaml
 
 from . import bench, config, data as data_mod, evaluate as ev
 from .checkpoint import atomic_write_json, atomic_write_text
-from .params import validate
+from .params import ORDERS, Params, train_config, validate
 from .pipeline import write_curve
-from .schema import ORDERS
 from .step import TrainData
-from .train import init_prior, joint_train, pretrain
+from .train import PHASES, init_prior, joint_train, pretrain
 
 PRESET = Path(__file__).resolve().parent.parent / "presets" / "mnist_paper.yaml"
 PAPER_ELBO = -85.77  # binarised MNIST, K = 512 (Figure 3)
-PHASES = (("pretrain", pretrain), ("prior_init", init_prior), ("joint", joint_train))
 
 
 def log(msg: str) -> None:
@@ -106,10 +104,9 @@ def fastest_mode(rows: list[dict], device) -> str:
     return max((r for r in mnist if r["K"] == k), key=lambda r: r["joint_it_s"])["mode"]
 
 
-def schedule(params: dict, rates: dict, budget_s: float) -> tuple[dict, float]:
+def schedule(params: Params, rates: dict, budget_s: float) -> tuple[dict, float]:
     """Iterations per phase: the preset's, scaled down by one factor if their predicted time exceeds budget_s."""
-    full = {"pretrain": params["pretrain"]["iters"], "prior_init": params["prior_init"]["iters"],
-            "joint": params["joint"]["iters"]}
+    full = {p: getattr(params, p).iters for p in ("pretrain", "prior_init", "joint")}
     predicted = sum(n / rates[p] for p, n in full.items())
     scale = min(1.0, budget_s / predicted)
     return {p: max(1, int(n * scale)) for p, n in full.items()}, scale
@@ -144,12 +141,12 @@ def compare_orders(args, params, ds, device, mode: str, out: Path) -> list[dict]
     """Joint training in each order from one shared pre-trained and initialised model: same seed,
     same iterations; test ELBO, its parts and it/s per order (orders.json, orders.md)."""
     pre, init, joint = args.orders_iters
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     model = config.build_model(params, ds).to(device)
     data = TrainData(ds.x_train.to(device), ds.to_float)
     flags = bench.MODES[mode]
     for name, fn, n in (("pretrain", pretrain, pre), ("prior_init", init_prior, init)):
-        cfg = dataclasses.replace(config.train_config(params, name), iters=n, progress=False, checkpoint_every_s=1e9,
+        cfg = dataclasses.replace(train_config(params, name), iters=n, progress=False, checkpoint_every_s=1e9,
                                   log_every=max(1, n // 20), **flags)
         if name == "pretrain":
             cfg = dataclasses.replace(cfg, kl_anneal_iters=max(1, n // 10))
@@ -159,7 +156,7 @@ def compare_orders(args, params, ds, device, mode: str, out: Path) -> list[dict]
     for order in args.orders:
         model.load_state_dict(start_state)
         model.prior.invalidate_stats()
-        cfg = dataclasses.replace(config.train_config(params, "joint"), iters=joint, progress=False,
+        cfg = dataclasses.replace(train_config(params, "joint"), iters=joint, progress=False,
                                   checkpoint_every_s=1e9, log_every=max(1, joint // 20), order=order, **flags)
         _, info = train_phase(f"joint_{order}", joint_train, model, data, cfg, out)
         res = ev.evaluate_bound(model, ds.x_test.to(device), ds.to_float)
@@ -171,7 +168,7 @@ def compare_orders(args, params, ds, device, mode: str, out: Path) -> list[dict]
     table += [f"| {r['order']} | {r['it_s']:.0f} | {r['elbo']:.2f} | {r['recon']:.2f} | {r['kl_z']:.2f} | {r['kl_r']:.2f} |"
               for r in rows]
     text = (f"Joint step orders, binarised MNIST, mnist_paper settings, {pre} + {init} + {joint} iterations, "
-            f"seed {params['seed']}, one shared pre-trained and initialised model, step mode {mode}\n\n"
+            f"seed {params.seed}, one shared pre-trained and initialised model, step mode {mode}\n\n"
             + "\n".join(table) + "\n")
     atomic_write_text(out / "orders.md", text)
     print(text, flush=True)
@@ -222,14 +219,14 @@ def celeba_check(args, device, out: Path, t_start: float) -> dict:
     from .celeba_report import property_scores
     params = validate(yaml.safe_load(CELEBA_PRESET.read_text()) | {"data": {"name": "celeba", "partial": True}})
     t = time.perf_counter()
-    ds = data_mod.load("celeba", Path(args.celeba), params["seed"], partial=True)
+    ds = data_mod.load("celeba", Path(args.celeba), params.seed, partial=True)
     log(f"celeba: {len(ds.x_train)} training, {len(ds.x_test)} test images decoded in {time.perf_counter() - t:.0f} s "
         f"({ds.info})")
     if args.tiny:
         ds.x_train, ds.y_train, ds.x_test, ds.y_test = ds.x_train[:96], ds.y_train[:96], ds.x_test[:48], ds.y_test[:48]
-        params["model"] |= {"D": 8, "K": [2, 2, 2, 4, 4], "channels": [8, 16, 32, 64]}
-        params["prior_init"]["init_points"] = 96
-    full = {p: params[p]["iters"] for p in ("pretrain", "prior_init", "joint")}
+        params = params.override({"model.D": 8, "model.K": [2, 2, 2, 4, 4], "model.channels": [8, 16, 32, 64],
+                                  "prior_init.init_points": 96})
+    full = {p: getattr(params, p).iters for p in ("pretrain", "prior_init", "joint")}
     rows = []
     if args.tiny:
         iters, scale = {"pretrain": 20, "prior_init": 5, "joint": 20}, 20 / full["pretrain"]
@@ -251,13 +248,13 @@ def celeba_check(args, device, out: Path, t_start: float) -> dict:
     mode = max((r for r in rows if "error" not in r), key=lambda r: r["joint_it_s"])["mode"] if rows else \
         ("graph" if device.type == "cuda" else "eager")
     log(f"celeba: schedule {iters} (scale {scale:.4f} of the paper's {full}), step {mode}")
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     model = config.build_model(params, ds).to(device)
-    labels = data_mod.semi_supervised_labels(ds.y_train, params["semi"]["fraction"], model.I, params["seed"])
+    labels = data_mod.semi_supervised_labels(ds.y_train, params.semi.fraction, model.I, params.seed)
     data = TrainData(ds.x_train.to(device), ds.to_float, labels.to(device))
     phases, flags = {}, bench.MODES[mode]
-    for name, fn in PHASES:
-        cfg = dataclasses.replace(config.train_config(params, name), iters=iters[name], progress=False,
+    for name, fn in PHASES.items():
+        cfg = dataclasses.replace(train_config(params, name), iters=iters[name], progress=False,
                                   checkpoint_every_s=1e9, log_every=max(1, min(500, iters[name] // 40)), **flags)
         if name == "pretrain":
             cfg = dataclasses.replace(cfg, kl_anneal_iters=max(1, int(cfg.kl_anneal_iters * scale)))
@@ -272,8 +269,8 @@ def celeba_check(args, device, out: Path, t_start: float) -> dict:
     a = res["assignments"]
     props = {name: property_scores(a[:, p].numpy(), ds.y_test[:, p].numpy()) for p, name in enumerate(ds.property_names)}
     judge_iters = 50 if args.tiny else 3000
-    judge, judge_acc = report.train_judge(ds, judge_iters, seed=params["seed"], device=device)
-    agreement, per_value = report.judge_samples(model, judge, ds, 64 if args.tiny else 2000, params["seed"])
+    judge, judge_acc = report.train_judge(ds, judge_iters, seed=params.seed, device=device)
+    agreement, per_value = report.judge_samples(model, judge, ds, 64 if args.tiny else 2000, params.seed)
     for p, name in enumerate(ds.property_names):
         props[name] |= {"judged_agreement": agreement[p], "judged_per_value": per_value[p], "judge_accuracy": judge_acc[p],
                         "paper_accuracy": report.PAPER_CELEBA[name][0], "paper_human_judgement": report.PAPER_CELEBA[name][1]}
@@ -286,10 +283,10 @@ def celeba_check(args, device, out: Path, t_start: float) -> dict:
     matplotlib.use("Agg")  # files only
     from . import plots
     names = dict(enumerate(ds.property_names))
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     plots.sample_grid(model, ds, [0, 2], 2, out / "samples_male_smiling.png", per_cell=16, names=names)
     plots.sample_grid(model, ds, [3, 4], 8, out / "samples_factors_3_4.png", per_cell=16, names=names)
-    plots.training_curves([out / f"curve_{n}.csv" for n, _ in PHASES], out / "training_curves.png")
+    plots.training_curves([out / f"curve_{n}.csv" for n in PHASES], out / "training_curves.png")
 
     lines = ["# GPU check: CelebA, celeba_paper preset (I = 5, K = (2, 2, 2, 64, 64), D = 64)", "",
              f"- Device: {metrics['environment'].get('gpu')}; step {mode}; schedule scale {scale:.4f} of the paper's "
@@ -345,16 +342,16 @@ def figure3_check(args, device, out: Path, t_start: float) -> dict:
         ds = data_mod.load(dataset, Path(folders[dataset]), seed, "characters", False)
         if args.tiny:
             ds.x_train, ds.x_test = ds.x_train[:512], ds.x_test[:256]
-            params["prior_init"]["init_points"] = 512
+            params = params.override({"prior_init.init_points": 512})
         data = TrainData(ds.x_train.to(device), ds.to_float)
-        cfgs = {p: dataclasses.replace(config.train_config(params, p), progress=False, checkpoint_every_s=1e9, **flags)
+        cfgs = {p: dataclasses.replace(train_config(params, p), progress=False, checkpoint_every_s=1e9, **flags)
                 for p in ("pretrain", "prior_init", "joint")}
 
         def members():
             out_ = []
             for k in args.figure3_K:
                 torch.manual_seed(seed)
-                out_.append(config.build_model(params | {"model": params["model"] | {"K": k}}, ds).to(device))
+                out_.append(config.build_model(params.override({"model.K": k}), ds).to(device))
             return out_
 
         # the rates: 30 timed pre-training steps and 10 packed joint steps, after a warm-up (capture)
@@ -374,7 +371,7 @@ def figure3_check(args, device, out: Path, t_start: float) -> dict:
         pack_rate = 10 / _timed(lambda: pack(10), device)
         left = args.total_s - (time.perf_counter() - t_start) - 60.0 * (len(runs) - n)  # evaluation, figures
         share = max(10.0, left / (len(runs) - n))
-        full = {p: params[p]["iters"] for p in ("pretrain", "prior_init", "joint")}
+        full = {p: getattr(params, p).iters for p in ("pretrain", "prior_init", "joint")}
         # prior initialisation runs on stored encodings, per member: about 5x a network step
         predicted = full["pretrain"] / pre_rate + full["joint"] / pack_rate + \
             len(pack_models) * full["prior_init"] / (5 * pre_rate)
@@ -502,10 +499,10 @@ def main(argv=None) -> dict:
         return figure3_check(args, device, out, t_start)
 
     params = validate(yaml.safe_load(PRESET.read_text()))
-    ds = data_mod.load("binarized_mnist", folder, params["seed"])
+    ds = data_mod.load("binarized_mnist", folder, params.seed)
     if args.tiny:
         ds.x_train, ds.x_test = ds.x_train[:512], ds.x_test[:256]
-        params["model"]["K"], params["prior_init"]["init_points"] = 16, 512
+        params = params.override({"model.K": 16, "prior_init.init_points": 512})
         args.iw_samples, args.iw_points = 10, 16
 
     if args.orders:
@@ -522,8 +519,7 @@ def main(argv=None) -> dict:
     mode = fastest_mode(rows, device)
     if device.type == "cpu" and mode == "graph":
         mode = "eager"
-    full = {"pretrain": params["pretrain"]["iters"], "prior_init": params["prior_init"]["iters"],
-            "joint": params["joint"]["iters"]}
+    full = {p: getattr(params, p).iters for p in ("pretrain", "prior_init", "joint")}
     if args.tiny:
         iters, scale = {"pretrain": 30, "prior_init": 10, "joint": 30}, 30 / full["pretrain"]
     else:
@@ -538,13 +534,13 @@ def main(argv=None) -> dict:
         log(f"the paper's schedule ({full}) does not fit {args.budget_s:.0f} s at the measured rates: "
             f"every phase scaled by {scale:.3f} to {iters}")
 
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     model = config.build_model(params, ds).to(device)
     labels = None
     data = TrainData(ds.x_train.to(device), ds.to_float, labels)
     phases, flags = {}, bench.MODES[mode]
-    for name, fn in PHASES:
-        cfg = config.train_config(params, name)
+    for name, fn in PHASES.items():
+        cfg = train_config(params, name)
         n = iters[name]
         cfg = dataclasses.replace(cfg, iters=n, progress=False, checkpoint_every_s=1e9,
                                   log_every=max(1, min(cfg.log_every, n // 40)), **flags)
@@ -558,7 +554,7 @@ def main(argv=None) -> dict:
     res = ev.evaluate_bound(model, x_test, ds.to_float)
     metrics = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r")}
     metrics["components_used"] = ev.components_in_use(model)
-    gen = torch.Generator().manual_seed(params["seed"])
+    gen = torch.Generator().manual_seed(params.seed)
     subset = x_test[torch.randperm(len(x_test), generator=gen)[:args.iw_points].to(device)]
     t_iw = time.perf_counter()
     metrics["iwae"] = ev.importance_weighted_log_likelihood(model, subset, ds.to_float, args.iw_samples)
@@ -573,10 +569,10 @@ def main(argv=None) -> dict:
     import matplotlib
     matplotlib.use("Agg")  # files only
     from . import plots
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     plots.sample_grid(model, ds, [0, 0], 16, out / "samples_grid.png")
     plots.cluster_figure(model, ds, 0, out / "clusters.png")
-    plots.training_curves([out / f"curve_{n}.csv" for n, _ in PHASES], out / "training_curves.png")
+    plots.training_curves([out / f"curve_{n}.csv" for n in PHASES], out / "training_curves.png")
 
     text = summary_text(env, phases, scale, metrics, mode, time.perf_counter() - t_start, full)
     atomic_write_text(out / "summary.md", text)

@@ -27,7 +27,8 @@ from .distributions import normal_gamma as ng
 from .model import BoundTerms, FMVAE
 from .prior import LocalStep, PriorStats
 from .step import Batcher, NumericalError, TrainData, WeightAverage, make_optimizer, run_loop
-from .train import TrainConfig, joint_step, pretrain_step, snapshot_steps
+from .params import TrainConfig
+from .train import joint_step, pretrain_step, snapshot_steps
 
 
 class _Call(torch.nn.Module):
@@ -406,7 +407,7 @@ def largest_pack(one: int, two: int, free: int) -> int:
 
 def _measured(phase: str, models: Sequence[FMVAE], datas: Sequence[TrainData], cfg: TrainConfig):
     """(peak bytes of a pack of one, of two, free bytes) on a GPU; None on a CPU, where nothing is
-    checked: host memory holds far larger packs than pay there (README, Packs)."""
+    checked: host memory holds far larger packs than pay there (docs/gpu.md)."""
     device = datas[0].x.device
     if device.type != "cuda":
         return None

@@ -21,12 +21,11 @@ from .checkpoint import CheckpointDir, atomic_write_json, atomic_write_text, loa
 from .data import sha256_file
 from .model import FMVAE
 from .step import TrainData
-from .train import TrainConfig, init_prior, joint_train, pretrain
+from .params import Params, TrainConfig, train_config
+from .train import PHASES
 
-PHASES = {"pretrain": pretrain, "prior_init": init_prior, "joint": joint_train}
 
-
-def save_model(model: FMVAE, path: Path, params: dict, history: list[dict], with_prior: bool = True) -> None:
+def save_model(model: FMVAE, path: Path, params: Params, history: list[dict], with_prior: bool = True) -> None:
     """Networks (and q(xi) unless pre-training, which does not depend on K) with their shapes and provenance."""
     state = {"encoder": model.encoder.state_dict(), "decoder": model.decoder.state_dict(),
              "prior": model.prior.state_dict() if with_prior else None}
@@ -34,7 +33,7 @@ def save_model(model: FMVAE, path: Path, params: dict, history: list[dict], with
                   "provenance": provenance(params)}, path)
 
 
-def load_model(params: dict, ds: data_mod.Dataset, path: Path, dev: torch.device) -> FMVAE:
+def load_model(params: Params, ds: data_mod.Dataset, path: Path, dev: torch.device) -> FMVAE:
     model = config.build_model(params, ds)
     saved = load_checked(path)
     config.check_model_config(saved["config"], model, path)
@@ -45,7 +44,7 @@ def load_model(params: dict, ds: data_mod.Dataset, path: Path, dev: torch.device
     return model.to(dev)
 
 
-def load_trained(params: dict, data_path: Path, model_path: Path) -> tuple[data_mod.Dataset, FMVAE]:
+def load_trained(params: Params, data_path: Path, model_path: Path) -> tuple[data_mod.Dataset, FMVAE]:
     """The prepared data and the trained model on params' device, for the stages after training."""
     ds = load_data(params, data_path)
     return ds, load_model(params, ds, model_path, config.device(params))
@@ -66,7 +65,7 @@ class PhaseRun:
     data, the phase's config, its fingerprint (settings, shapes, input files and the code: a
     checkpoint of other code is never resumed) and its checkpoint folder (one per fingerprint)."""
     phase: str
-    params: dict
+    params: Params
     model: FMVAE
     data: TrainData
     cfg: TrainConfig
@@ -75,22 +74,22 @@ class PhaseRun:
     kwargs: dict
 
 
-def prepare_phase(phase: str, params: dict, data_path: Path, model_in: Path | None, ckpt_dir: Path) -> PhaseRun:
+def prepare_phase(phase: str, params: Params, data_path: Path, model_in: Path | None, ckpt_dir: Path) -> PhaseRun:
     dev = config.device(params)
     ds = load_data(params, data_path)
     if model_in is None:
-        torch.manual_seed(params["seed"])  # network initialisation
+        torch.manual_seed(params.seed)  # network initialisation
         model = config.build_model(params, ds).to(dev)
     else:
         model = load_model(params, ds, model_in, dev)
-    cfg = config.train_config(params, phase)
-    labels = data_mod.semi_supervised_labels(ds.y_train, params["semi"]["fraction"], model.I, params["seed"])
+    cfg = train_config(params, phase)
+    labels = data_mod.semi_supervised_labels(ds.y_train, params.semi.fraction, model.I, params.seed)
     data = TrainData(ds.x_train.to(dev), ds.to_float, None if labels is None else labels.to(dev))
     inputs = [sha256_file(p) for p in (data_path, model_in) if p is not None]
     fp = config.fingerprint(phase, cfg.__dict__, config.model_config(model, phase != "pretrain"), inputs,
                             config.code_digest())
     kwargs = {}
-    if phase == "joint" and params["semi"]["delta"] > 0 and labels is not None:
+    if phase == "joint" and params.semi.delta > 0 and labels is not None:
         kwargs["gradient_factors"] = list(range(len(ds.property_K)))
     return PhaseRun(phase, params, model, data, cfg, fp, CheckpointDir(Path(ckpt_dir) / fp), kwargs)
 
@@ -119,7 +118,7 @@ def finish_phase(run: PhaseRun, history: list[dict], model_out: Path, curve_out:
     run.ckpt.prune_siblings()
 
 
-def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None, model_out: Path,
+def train_stage(phase: str, params: Params, data_path: Path, model_in: Path | None, model_out: Path,
                 ckpt_dir: Path, curve_out: Path | None = None, on_log=None,
                 snapshots_out: Path | None = None) -> list[dict]:
     """pretrain / prior_init / joint: load, check, train with resume, save. model_out holds the
@@ -137,7 +136,7 @@ def train_stage(phase: str, params: dict, data_path: Path, model_in: Path | None
 
 
 @torch.no_grad()
-def snapshot_bounds(params: dict, ds: data_mod.Dataset, path: Path, dev: torch.device) -> dict:
+def snapshot_bounds(params: Params, ds: data_mod.Dataset, path: Path, dev: torch.device) -> dict:
     """Test bound (11) of each snapshot of the joint phase, averaged and as the last iterate, with the
     same random numbers for each (seeded): how much the reported number depends on where training stopped."""
     saved = load_checked(path)
@@ -148,16 +147,16 @@ def snapshot_bounds(params: dict, ds: data_mod.Dataset, path: Path, dev: torch.d
     for snap in saved["snapshots"]:
         for kind in ("average", "last_iterate"):
             model.load_state_dict(snap[kind])
-            torch.manual_seed(params["seed"])
+            torch.manual_seed(params.seed)
             out[f"elbo_{kind}"].append(ev.evaluate_bound(model, x_test, ds.to_float,
-                                                         samples=params["evaluate"]["recon_samples"])["elbo"])
+                                                         samples=params.evaluate.recon_samples)["elbo"])
     for kind in ("average", "last_iterate"):
         values = out[f"elbo_{kind}"]
         out[f"spread_{kind}"] = max(values) - min(values) if values else None
     return out
 
 
-def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out: Path | None = None,
+def evaluate_stage(params: Params, data_path: Path, model_path: Path, metrics_out: Path | None = None,
                    snapshots_path: Path | None = None) -> dict:
     """Test bound (11) and its parts, components in use, IWAE, accuracies.
 
@@ -172,20 +171,20 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
     dev = config.device(params)
     ds = load_data(params, data_path)
     model = load_model(params, ds, model_path, dev)
-    e = params["evaluate"]
-    torch.manual_seed(params["seed"])
+    e = params.evaluate
+    torch.manual_seed(params.seed)
     x_test = ds.x_test.to(dev)
-    res = ev.evaluate_bound(model, x_test, ds.to_float, samples=e["recon_samples"])
+    res = ev.evaluate_bound(model, x_test, ds.to_float, samples=e.recon_samples)
     used = ev.components_in_use(model)
     metrics = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r")} | {"components": sum(used)}
     details = {"kl_z_per_factor": res["kl_z_per_factor"], "kl_r_per_factor": res["kl_r_per_factor"],
                "components_used_per_factor": used, "test_points": int(x_test.shape[0])}
-    if e["iw_samples"] > 0:  # on a seeded random subset (test sets may be sorted by class), with its own ELBO
-        n = min(e["iw_points"], x_test.shape[0])
-        subset = x_test[torch.randperm(x_test.shape[0], generator=torch.Generator().manual_seed(params["seed"]))[:n].to(dev)]
-        metrics["iwae"] = ev.importance_weighted_log_likelihood(model, subset, ds.to_float, e["iw_samples"])
-        details["elbo_on_iwae_points"] = ev.evaluate_bound(model, subset, ds.to_float, samples=e["recon_samples"])["elbo"]
-        details["iwae_samples"], details["iwae_points"] = e["iw_samples"], n
+    if e.iw_samples > 0:  # on a seeded random subset (test sets may be sorted by class), with its own ELBO
+        n = min(e.iw_points, x_test.shape[0])
+        subset = x_test[torch.randperm(x_test.shape[0], generator=torch.Generator().manual_seed(params.seed))[:n].to(dev)]
+        metrics["iwae"] = ev.importance_weighted_log_likelihood(model, subset, ds.to_float, e.iw_samples)
+        details["elbo_on_iwae_points"] = ev.evaluate_bound(model, subset, ds.to_float, samples=e.recon_samples)["elbo"]
+        details["iwae_samples"], details["iwae_points"] = e.iw_samples, n
     if ds.info:  # e.g. a partial CelebA: how many images were listed, absent, kept per partition
         details["data"] = ds.info
     if snapshots_path is not None and Path(snapshots_path).exists():
@@ -195,7 +194,7 @@ def evaluate_stage(params: dict, data_path: Path, model_path: Path, metrics_out:
             metrics["elbo_spread"] = snaps["spread_average"]
     if ds.y_test is not None:
         a = res["assignments"]
-        semi = params["semi"]["fraction"] > 0
+        semi = params.semi.fraction > 0
         for p, name in enumerate(ds.property_names):
             if semi and p < model.I:  # the factor clamped to this property in training
                 metrics[f"acc_{name}"] = ev.supervised_accuracy(a[:, p], ds.y_test[:, p])

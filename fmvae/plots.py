@@ -23,12 +23,13 @@ import torch
 from torchvision.utils import make_grid
 
 from .checkpoint import atomic_write_bytes
+from .params import PHASE_SECTIONS
 
 log = logging.getLogger(__name__)
-PHASES = ("pretrain", "prior_init", "joint")
+PHASES = tuple(PHASE_SECTIONS)  # the training phases, in order
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -37,7 +38,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _to_unit(ds, x: torch.Tensor) -> torch.Tensor:
+def to_unit(ds, x: torch.Tensor) -> torch.Tensor:
     """Decoder means -> images in [0, 1], (N, C, H, W)."""
     x = x.detach().float().cpu()
     x = (x + 1) / 2 if ds.kind == "rgb" else x
@@ -96,7 +97,7 @@ def sample_grid(model, ds, factors, max_components: int, path: Path, per_cell: i
         cells = conditional_means(model, clamps, per_cell)
         col_labels = [component_label(model, b, k, names) for k in cols]
         x_label = f"factor {b}" + (f" ({names[b]})" if b in names else ": component (mixture weight)")
-    images = _to_unit(ds, cells)
+    images = to_unit(ds, cells)
     pad = 2
     grid = make_grid(images, nrow=len(cols), padding=pad, pad_value=1.0)
     h, w = images.shape[-2:]
@@ -111,7 +112,7 @@ def sample_grid(model, ds, factors, max_components: int, path: Path, per_cell: i
     ax.set_xlabel(x_label)
     mean_of = f"each cell the mean of {per_cell} samples" if a != b and per_cell > 1 else "one sample per cell"
     ax.set_title(f"{ds.name}, K = {list(model.K)}: conditional samples, {mean_of}", fontsize=9, pad=40 if a != b else 18)
-    return _save(fig, path), cells.view(len(rows), len(cols), *cells.shape[1:])
+    return save_figure(fig, path), cells.view(len(rows), len(cols), *cells.shape[1:])
 
 
 @torch.no_grad()
@@ -128,7 +129,7 @@ def cluster_figure(model, ds, factor: int, path: Path, n_clusters: int = 8, n_dr
     for k in comps:
         clamp = torch.full((n_draws, model.I), -1, dtype=torch.long)
         clamp[:, factor] = k
-        imgs = _to_unit(ds, conditional_means(model, clamp, 1))
+        imgs = to_unit(ds, conditional_means(model, clamp, 1))
         stats.append((imgs.mean(0), imgs.var(0).mean(0), imgs[:n_show]))
     vmax = max(float(v.max()) for _, v, _ in stats) or 1.0
     fig, axes = plt.subplots(len(comps), 3, figsize=(2.0 + 0.9 * n_show, 1.05 * len(comps) + 0.6), squeeze=False,
@@ -149,7 +150,7 @@ def cluster_figure(model, ds, factor: int, path: Path, n_clusters: int = 8, n_dr
     what = names.get(factor, f"factor {factor}")
     shown_what = f"each of its {len(comps)} values clamped" if named else f"the {len(comps)} heaviest components"
     fig.suptitle(f"{ds.name}: K = {model.K[factor]}, {what}; {shown_what}", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 TERMS = (("elbo", "ELBO"), ("recon", "reconstruction E[log p(x|z)]"), ("kl_z", "KL[z]"), ("kl_r", "KL[r]"),
@@ -190,16 +191,16 @@ def training_curves(curve_files, path: Path) -> Path:
         ax.legend(fontsize=7)
     fig.suptitle("training curves (dashed: phase boundaries)", fontsize=9)
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def model_figures(model, ds, params: dict, out_dir: Path, curves) -> list[Path]:
+def model_figures(model, ds, params, out_dir: Path, curves) -> list[Path]:
     """Sample grid over two factors (Figures 1/6/8), per-component mean/variance/samples (Figure 4),
     training curves. Factors clamped to a property in training are labelled with its name."""
-    p = params["plot"]
+    p = params.plot
     names = ({i: n for i, n in enumerate(ds.property_names) if i < model.I}
-             if params["semi"]["fraction"] > 0 else {})
-    grid, _ = sample_grid(model, ds, p["factors"], p["max_components"], out_dir / "samples_grid.png",
-                          per_cell=p["samples_per_cell"], names=names)
-    return [grid, cluster_figure(model, ds, p["factors"][0], out_dir / "clusters.png", names=names),
+             if params.semi.fraction > 0 else {})
+    grid, _ = sample_grid(model, ds, p.factors, p.max_components, out_dir / "samples_grid.png",
+                          per_cell=p.samples_per_cell, names=names)
+    return [grid, cluster_figure(model, ds, p.factors[0], out_dir / "clusters.png", names=names),
             training_curves(curves, out_dir / "training_curves.png")]

@@ -208,13 +208,13 @@ def train_judge(ds, iters: int = 500, batch: int = 64, seed: int = 0, device="cp
         loss.backward()
         opt.step()
     with torch.no_grad():
-        preds = _predict(clf, ds.to_float(ds.x_test.to(device)))
+        preds = predict(clf, ds.to_float(ds.x_test.to(device)))
     acc = [float((preds[:, p] == ds.y_test[:, p].to(device)).float().mean()) for p in range(len(ds.property_K))]
     return clf, acc
 
 
 @torch.no_grad()
-def _predict(clf, x, batch: int = 500) -> torch.Tensor:
+def predict(clf, x, batch: int = 500) -> torch.Tensor:
     return torch.cat([torch.stack([l.argmax(-1) for l in clf(x[s:s + batch])], -1) for s in range(0, len(x), batch)])
 
 
@@ -233,7 +233,7 @@ def judge_samples(model, clf, ds, n: int = 1000, seed: int = 0) -> tuple[list[fl
     images = model.decode_mean(z.to(dev))
     if ds.kind == "rgb":
         images = images.clamp(-1, 1)
-    hit = (_predict(clf, images) == clamp[:, :len(ds.property_K)]).float()
+    hit = (predict(clf, images) == clamp[:, :len(ds.property_K)]).float()
     per_value = [[float(hit[clamp[:, p] == v, p].mean()) for v in range(k)] for p, k in enumerate(ds.property_K)]
     return [float(hit[:, p].mean()) for p in range(len(ds.property_K))], per_value
 
@@ -268,7 +268,7 @@ def semi_supervised_table(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def property_reports(model, ds, params: dict, out_dir: Path, dev: torch.device) -> pd.DataFrame | None:
+def property_reports(model, ds, params, out_dir: Path, dev: torch.device) -> pd.DataFrame | None:
     """Per labelled property: accuracy of argmax q(r_i|x) on the test set, and the agreement of an
     automatic judge (a classifier trained on the real labelled images) with the clamped value of
     samples; written as <out_dir>/<dataset>_table.{md,csv}, and as <out_dir>/properties.json (a plain
@@ -276,7 +276,7 @@ def property_reports(model, ds, params: dict, out_dir: Path, dev: torch.device) 
     Data sets without labels, or trained without them, get an empty table and an empty properties.json."""
     from .evaluate import evaluate_bound, supervised_accuracy
     stem = out_dir / f"{ds.name}_table"
-    if ds.y_train is None or not params["semi"]["fraction"] > 0:
+    if ds.y_train is None or not params.semi.fraction > 0:
         why = "has no labelled properties" if ds.y_train is None else "was trained without labels (semi.fraction = 0)"
         write_table(property_table([], [], [], [], ds.name), stem)
         atomic_write_json(out_dir / "properties.json", {})
@@ -284,9 +284,9 @@ def property_reports(model, ds, params: dict, out_dir: Path, dev: torch.device) 
         return None
     res = evaluate_bound(model, ds.x_test.to(dev), ds.to_float)
     acc = [supervised_accuracy(res["assignments"][:, p], ds.y_test[:, p]) for p in range(len(ds.property_K))]
-    p = params["properties"]
-    judge, judge_acc = train_judge(ds, p["judge_iters"], seed=params["seed"], device=dev)
-    agreement, per_value = judge_samples(model, judge, ds, p["samples"], params["seed"])
+    p = params.properties
+    judge, judge_acc = train_judge(ds, p.judge_iters, seed=params.seed, device=dev)
+    agreement, per_value = judge_samples(model, judge, ds, p.samples, params.seed)
     table = property_table(ds.property_names, acc, agreement, judge_acc, ds.name, per_value)
     write_table(table, stem)
     atomic_write_json(out_dir / "properties.json", {f"{key}_{name}": v[i] for i, name in enumerate(ds.property_names)

@@ -28,7 +28,7 @@ from .checkpoint import CheckpointDir
 
 if TYPE_CHECKING:
     from .model import FMVAE
-    from .train import TrainConfig
+    from .params import TrainConfig
 
 class NumericalError(FloatingPointError):
     def __init__(self, phase: str, step: int, term: str):
@@ -333,7 +333,7 @@ def skip_batch(cfg: TrainConfig, *tensors: torch.Tensor) -> bool:
 
 def autocast(x: torch.Tensor, cfg: TrainConfig):
     # no weight-cast cache: it is incompatible with CUDA graph capture, and each weight is cast once a pass
-    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.amp, cache_enabled=False)
+    return torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16, cache_enabled=False)
 
 
 def as_weight(w, x: torch.Tensor):

@@ -23,7 +23,6 @@ trials' fingerprints, so Tuner.restore never hands back results of other params.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import itertools
@@ -43,7 +42,7 @@ from .config import code_digest
 from .data import sha256_file
 from .pack import train_pack
 from .data.prepared import load_data, prepare_data
-from .params import ParamError, validate
+from .params import ParamError, Params, validate
 from .pipeline import evaluate_stage, finish_phase, load_model, prepare_phase, train_stage
 from .report import RESULT_COLUMNS, TRIAL_REPORT
 
@@ -56,10 +55,10 @@ PRETRAIN_SECTIONS = ("seed", "device", "data.name", "data.omniglot_split", "data
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _select(params: dict, keys) -> dict:
+def _select(params: Params, keys) -> dict:
     out = {}
     for key in keys:
-        node = params
+        node = params.to_dict()
         for part in key.split("."):
             node = node[part]
         out[key] = node
@@ -72,47 +71,45 @@ SWEEP_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 PACK_SOURCE = hashlib.sha256((Path(__file__).parent / "pack.py").read_bytes()).hexdigest()
 
 
-def trial_fingerprint(params: dict) -> str:
+def trial_fingerprint(params: Params) -> str:
     parts = [_select(params, TRIAL_SECTIONS), code_digest(), SWEEP_SOURCE]
-    if params["sweep"]["pack"] > 1:  # a packed member's numbers round differently from a trial alone's
-        parts.append({"sweep.pack": params["sweep"]["pack"], "pack_source": PACK_SOURCE})
+    if params.sweep.pack > 1:  # a packed member's numbers round differently from a trial alone's
+        parts.append({"sweep.pack": params.sweep.pack, "pack_source": PACK_SOURCE})
     return config.fingerprint(*parts)
 
 
-def pretrain_fingerprint(params: dict) -> str:
+def pretrain_fingerprint(params: Params) -> str:
     return config.fingerprint(_select(params, PRETRAIN_SECTIONS), code_digest(), SWEEP_SOURCE)
 
 
-def data_key(params: dict, dataset: str) -> str:
+def data_key(params: Params, dataset: str) -> str:
     """The prepared data set's name in the storage, after what it depends on: the data params a
     loader reads, the seed (it draws Omniglot's split within characters and binarises `mnist`) and
     the loaders' code (a data file of another split, seed or reader is never reused). Each trial
     seed has its own, so a trial's data follow from its own params, which its fingerprint covers."""
-    d = params["data"]
-    fp = config.fingerprint(dataset, d["omniglot_split"], d["partial"], params["seed"], code_digest())
-    return f"data/{dataset}-s{params['seed']}-{fp}.pt"
+    d = params.data
+    fp = config.fingerprint(dataset, d.omniglot_split, d.partial, params.seed, code_digest())
+    return f"data/{dataset}-s{params.seed}-{fp}.pt"
 
 
-def pretrain_key(params: dict) -> str:
-    return (f"pretrain/{params['data']['name']}-I{params['model']['I']}-D{params['model']['D']}-s{params['seed']}"
+def pretrain_key(params: Params) -> str:
+    return (f"pretrain/{params.data.name}-I{params.model.I}-D{params.model.D}-s{params.seed}"
             f"-{pretrain_fingerprint(params)}.pt")
 
 
-def trial_name(params: dict) -> str:
-    return (f"{params['data']['name']}-I{params['model']['I']}-K{params['model']['K']}-s{params['seed']}"
+def trial_name(params: Params) -> str:
+    return (f"{params.data.name}-I{params.model.I}-K{params.model.K}-s{params.seed}"
             f"-{trial_fingerprint(params)}")
 
 
-def trial_params(params: dict, dataset: str, K: int, I: int, seed: int) -> dict:
-    p = copy.deepcopy(params)
-    p["data"]["name"], p["model"]["K"], p["model"]["I"], p["seed"] = dataset, K, I, seed
-    p["plot"]["factors"] = [0, 0]
-    for phase in ("pretrain", "prior_init", "joint"):
-        if params["sweep"]["iters"][phase] is not None:
-            p[phase]["iters"] = params["sweep"]["iters"][phase]
-    p["evaluate"]["iw_samples"] = 0  # a trial reports the bound (11) and its parts; IWAE is not part of Figure 3
-    p["joint"]["snapshots"] = 0  # nor the spread over the last snapshots (a trial would keep 2 models per snapshot)
-    return validate({k: v for k, v in p.items() if k != "sweep"} | {"sweep": params["sweep"]})
+def trial_params(params: Params | dict, dataset: str, K: int, I: int, seed: int) -> Params:
+    """One trial's params (from the sweep's, typed or as Tune carries them, a plain dict)."""
+    params = params if isinstance(params, Params) else validate(params)
+    iters = {f"{phase}.iters": n for phase, n in vars(params.sweep.iters).items() if n is not None}
+    return params.override({"data.name": dataset, "model.K": K, "model.I": I, "seed": seed, "plot.factors": [0, 0],
+                            "evaluate.iw_samples": 0,  # a trial reports the bound (11) and its parts, not IWAE (Figure 3)
+                            "joint.snapshots": 0}  # nor the spread over the last snapshots (2 models per snapshot)
+                           | iters)
 
 
 class Storage:
@@ -253,10 +250,10 @@ def _pause_if_asked(workdir: Path) -> None:
         time.sleep(3600)
 
 
-def _threads(params: dict) -> int:
+def _threads(params: Params) -> int:
     """A trial's torch threads: its reserved CPUs, or fewer where OMP_NUM_THREADS says so (more threads
     than free cores make torch spin-wait: tests running beside each other set it to 1)."""
-    threads = max(1, int(params["sweep"]["cpus_per_trial"]))
+    threads = max(1, int(params.sweep.cpus_per_trial))
     return min(threads, int(os.environ.get("OMP_NUM_THREADS") or threads))
 
 
@@ -269,7 +266,7 @@ def run_pretrain(config_: dict) -> None:
     import torch
     from ray import tune
 
-    params, storage = config_["params"], Storage(config_["storage"])
+    params, storage = validate(config_["params"]), Storage(config_["storage"])
     key = pretrain_key(params)
     if storage.published(key):
         print(f"sweep: reusing pre-training {key}")
@@ -278,7 +275,7 @@ def run_pretrain(config_: dict) -> None:
     torch.set_num_threads(_threads(params))
     workdir = _trial_folder(Path(key).stem)
     _begin_attempt(workdir)
-    data = storage.fetch(data_key(params, params["data"]["name"]))
+    data = storage.fetch(data_key(params, params.data.name))
     train_stage("pretrain", params, data, None, workdir / "pretrained.pt", workdir / "ckpt-pretrain",
                 on_log=_checkpointing(workdir, "pretrain"))
     storage.publish(workdir / "pretrained.pt", key)
@@ -328,15 +325,15 @@ def run_trial(config_: dict) -> dict:
     return final
 
 
-def _final_metrics(params: dict, data: Path, workdir: Path, start: float, fp: str) -> dict:
+def _final_metrics(params: Params, data: Path, workdir: Path, start: float, fp: str) -> dict:
     """Evaluate a trained trial (joint.pt in workdir) and write its final.json: the record a sweep reuses."""
     metrics = evaluate_stage(params, data, workdir / "joint.pt", workdir / "metrics.json")
     attempts = json.loads((workdir / "attempts.json").read_text())
     history = load_checked(workdir / "joint.pt")["history"]  # the joint phase's curve, saved with its model
     final = {k: metrics[k] for k in ("elbo", "recon", "kl_z", "kl_r")}
     final.update(components_used="/".join(map(str, metrics["components_used_per_factor"])),
-                 **{f"{phase}_iters": params[phase]["iters"] for phase in ("pretrain", "prior_init", "joint")},
-                 batch_size=params["train"]["batch_size"], train_points=len(load_data(params, data).x_train),
+                 **{f"{phase}_iters": getattr(params, phase).iters for phase in ("pretrain", "prior_init", "joint")},
+                 batch_size=params.train.batch_size, train_points=len(load_data(params, data).x_train),
                  test_points=metrics["test_points"], wall_s=time.time() - start,
                  joint_steps=history[-1]["step"] if history else 0, phase="done", fingerprint=fp,
                  nodes="/".join(a["node"][:8] for a in attempts),
@@ -378,7 +375,7 @@ def run_pack(config_: dict) -> dict:
         workdir = pack_dir / trial_name(params)
         workdir.mkdir(exist_ok=True)
         shutil.copy(pack_dir / "attempts.json", workdir / "attempts.json")  # the pack's attempts are its members'
-        data, model_in = storage.fetch(data_key(params, params["data"]["name"])), storage.fetch(pretrained)
+        data, model_in = storage.fetch(data_key(params, params.data.name)), storage.fetch(pretrained)
         if not (workdir / "prior_init.pt").exists():
             train_stage("prior_init", params, data, model_in, workdir / "prior_init.pt", workdir / "ckpt-prior_init")
             shutil.rmtree(workdir / "ckpt-prior_init")
@@ -401,7 +398,7 @@ def run_pack(config_: dict) -> dict:
     for params in todo:
         workdir, fp, name = pack_dir / trial_name(params), trial_fingerprint(params), trial_name(params)
         if (workdir / "joint.pt").exists():
-            finals[name] = _final_metrics(params, storage.fetch(data_key(params, params["data"]["name"])), workdir,
+            finals[name] = _final_metrics(params, storage.fetch(data_key(params, params.data.name)), workdir,
                                           start, fp)
     tune.report({"phase": "done", "members": len(members), "trained": len(finals)},
                 checkpoint=tune.Checkpoint.from_directory(pack_dir))
@@ -419,25 +416,24 @@ def _last_line(error: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", lines[-1] if lines else type(error).__name__)[:200]
 
 
-def trial_grid(params: dict) -> list[dict]:
+def trial_grid(params: Params) -> list[dict]:
     """Every trial, K slowest: the first trials need different pre-trainings (data set x seed x I)
     and run side by side, instead of queueing behind one shared pre-training."""
-    s = params["sweep"]
-    return [{"dataset": d, "K": k, "I": i, "seed": seed}
-            for k in s["K"] for seed in s["seeds"] for d in s["data"] for i in s["I"]]
+    s = params.sweep
+    return [{"dataset": d, "K": k, "I": i, "seed": seed} for k in s.K for seed in s.seeds for d in s.data for i in s.I]
 
 
-def pack_grid(params: dict) -> list[list[dict]]:
+def pack_grid(params: Params) -> list[list[dict]]:
     """The trials in packs of at most sweep.pack, each of one data set and I (one network shape),
     in trial_grid's order within each."""
     groups: dict = {}
     for t in trial_grid(params):
         groups.setdefault((t["dataset"], t["I"]), []).append(t)
-    size = params["sweep"]["pack"]
+    size = params.sweep.pack
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
-def pretrain_grid(params: dict) -> list[dict]:
+def pretrain_grid(params: Params) -> list[Params]:
     """One pre-training per distinct pre-training fingerprint, with the params of its first trial."""
     out = {}
     for t in trial_grid(params):
@@ -446,18 +442,18 @@ def pretrain_grid(params: dict) -> list[dict]:
     return list(out.values())
 
 
-def experiment_name(params: dict) -> str:
+def experiment_name(params: Params) -> str:
     """Named after every trial's fingerprint (and the failure policy Tune stores with the experiment)."""
     fps = sorted(trial_fingerprint(trial_params(params, t["dataset"], t["K"], t["I"], t["seed"]))
                  for t in trial_grid(params))
-    pack = params["sweep"]["pack"]  # packs are other Tune trials (run_pack, one per pack)
-    return (f"fmvae-{'+'.join(params['sweep']['data'])}{f'-pack{pack}' if pack > 1 else ''}-"
-            f"{config.fingerprint(fps, params['sweep']['max_failures'])}")
+    pack = params.sweep.pack  # packs are other Tune trials (run_pack, one per pack)
+    return (f"fmvae-{'+'.join(params.sweep.data)}{f'-pack{pack}' if pack > 1 else ''}-"
+            f"{config.fingerprint(fps, params.sweep.max_failures)}")
 
 
-def pretrain_experiment_name(params: dict) -> str:
+def pretrain_experiment_name(params: Params) -> str:
     keys = sorted(pretrain_key(p) for p in pretrain_grid(params))
-    return f"fmvae-pretrain-{config.fingerprint(keys, params['sweep']['max_failures'])}"
+    return f"fmvae-pretrain-{config.fingerprint(keys, params.sweep.max_failures)}"
 
 
 def connect(address: str | None) -> None:
@@ -508,7 +504,7 @@ def logger_callbacks(names) -> list:
     return callbacks
 
 
-def _fit(trainable, space: dict, name: str, storage: Storage, sweep: dict, retry_failed: bool, callbacks=()):
+def _fit(trainable, space: dict, name: str, storage: Storage, sweep, retry_failed: bool, callbacks=()):
     """Tuner.fit of one experiment in the storage, resumed (finished trials kept) if it exists. (Tune keeps
     a new experiment's callbacks; a resumed one runs without the extra logger callbacks.)"""
     from ray import tune
@@ -518,7 +514,7 @@ def _fit(trainable, space: dict, name: str, storage: Storage, sweep: dict, retry
         tuner = tune.Tuner.restore(f"{path}/{name}", trainable, resume_errored=False, restart_errored=retry_failed)
     else:
         tuner = tune.Tuner(trainable, param_space=space, run_config=tune.RunConfig(
-            name=name, storage_path=path, failure_config=tune.FailureConfig(max_failures=sweep["max_failures"]),
+            name=name, storage_path=path, failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1, callbacks=list(callbacks)))
     return tuner.fit()
 
@@ -537,42 +533,41 @@ def best_results(grid) -> dict:
     return best
 
 
-def run_sweep(params: dict, storage_uri: str, address: str | None = None, retry_failed: bool = False,
+def run_sweep(params: Params, storage_uri: str, address: str | None = None, retry_failed: bool = False,
               callbacks=()) -> pd.DataFrame:
     """Run (or resume) the sweep; return one row per trial with its status. callbacks: logger_callbacks'
     names (mlflow, wandb), checked before any work."""
     import ray
     from ray import tune
 
-    s = params["sweep"]
+    s = params.sweep
     callbacks = logger_callbacks(callbacks)
     storage = Storage(storage_uri)
     # each (data set, trial seed) prepared here (bad data settings fail before Ray starts), published once
-    for dataset, seed in itertools.product(s["data"], s["seeds"]):
-        p = copy.deepcopy(params)
-        p["data"]["name"], p["semi"]["fraction"], p["seed"] = dataset, 0.0, seed
+    for dataset, seed in itertools.product(s.data, s.seeds):
+        p = params.override({"data.name": dataset, "semi.fraction": 0.0, "seed": seed})
         key = data_key(p, dataset)
         if not storage.published(key):
             local = storage.cache_path(key)
             prepare_data(p, local)
             storage.publish(local, key)
     connect(address)
-    if s["gpus_per_trial"] > 0 and ray.cluster_resources().get("GPU", 0) == 0:
-        raise ParamError(f"sweep.gpus_per_trial: {s['gpus_per_trial']} but the Ray cluster has no GPU "
+    if s.gpus_per_trial > 0 and ray.cluster_resources().get("GPU", 0) == 0:
+        raise ParamError(f"sweep.gpus_per_trial: {s.gpus_per_trial} but the Ray cluster has no GPU "
                                 "(trials would wait forever); set it to 0 to run on CPUs")
-    resources = {"cpu": s["cpus_per_trial"], "gpu": s["gpus_per_trial"]}
+    resources = {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
     start = time.time()
     pretrained = _fit(tune.with_resources(run_pretrain, resources),
-                      {"params": tune.grid_search(pretrain_grid(params)), "storage": storage.uri},
+                      {"params": tune.grid_search([p.to_dict() for p in pretrain_grid(params)]), "storage": storage.uri},
                       pretrain_experiment_name(params), storage, s, retry_failed, callbacks)
-    failed_pretrain = {pretrain_key(_config(r)["params"]): _last_line(r.error) for r in pretrained if r.error is not None}
-    if s["pack"] > 1:
+    failed_pretrain = {pretrain_key(validate(_config(r)["params"])): _last_line(r.error) for r in pretrained if r.error is not None}
+    if s.pack > 1:
         df = _packed_rows(params, storage, failed_pretrain, retry_failed, resources)
         print(f"sweep: {int((df['status'] == 'done').sum())} trials done, {int((df['status'] == 'failed').sum())} "
               f"failed, wall time {time.time() - start:.0f} s")
         return df
     grid = _fit(tune.with_resources(run_trial, resources),
-                {"trial": tune.grid_search(trial_grid(params)), "params": params, "storage": storage.uri},
+                {"trial": tune.grid_search(trial_grid(params)), "params": params.to_dict(), "storage": storage.uri},
                 experiment_name(params), storage, s, retry_failed, callbacks)
     for dataset, result in sorted(best_results(grid).items()):
         c = _config(result)["trial"]
@@ -602,13 +597,13 @@ def _grid_point(trial: dict) -> tuple:
     return trial["dataset"], trial["K"], trial["I"], trial["seed"]
 
 
-def _packed_rows(params: dict, storage: Storage, failed_pretrain: dict, retry_failed: bool, resources: dict):
+def _packed_rows(params: Params, storage: Storage, failed_pretrain: dict, retry_failed: bool, resources: dict):
     """Run the packs (one Tune trial each, resources per pack) and read one row per member from the
     storage's records: finished/ (with the member's fingerprint), else failed/ or its pack's error."""
     from ray import tune
     grid = _fit(tune.with_resources(run_pack, resources),
-                {"pack": tune.grid_search(pack_grid(params)), "params": params, "storage": storage.uri},
-                experiment_name(params), storage, params["sweep"], retry_failed)
+                {"pack": tune.grid_search(pack_grid(params)), "params": params.to_dict(), "storage": storage.uri},
+                experiment_name(params), storage, params.sweep, retry_failed)
     pack_error = {}
     for r in grid:
         for t in _config(r)["pack"]:
@@ -629,7 +624,7 @@ def _packed_rows(params: dict, storage: Storage, failed_pretrain: dict, retry_fa
     return pd.DataFrame(rows, columns=RESULT_COLUMNS).sort_values(["dataset", "I", "K", "seed"]).reset_index(drop=True)
 
 
-def pretraining_report(params: dict, storage_uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def pretraining_report(params: Params, storage_uri: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Each published pre-training of the sweep: one row with the test bound of its averaged model
     under N(0, I) (recon - KL, one seeded sample per test point) and its last training row, and its
     whole training curve. Every K of a (data set, seed, I) starts from this model, so this is where
@@ -640,19 +635,19 @@ def pretraining_report(params: dict, storage_uri: str) -> tuple[pd.DataFrame, pd
         key = pretrain_key(p)
         if not storage.published(key):
             continue  # its pre-training failed: the trials' rows say so
-        ds = load_data(p, storage.fetch(data_key(p, p["data"]["name"])))
+        ds = load_data(p, storage.fetch(data_key(p, p.data.name)))
         path = storage.fetch(key)
         model = load_model(p, ds, path, torch.device("cpu")).eval()
-        torch.manual_seed(p["seed"])  # the sample of z each test point's reconstruction term uses
+        torch.manual_seed(p.seed)  # the sample of z each test point's reconstruction term uses
         recon = kl = 0.0
         with torch.no_grad():
             for start in range(0, len(ds.x_test), 1000):
                 r, k = model.vae_bound(ds.to_float(ds.x_test[start:start + 1000]))
                 recon, kl = recon + r.double().sum().item(), kl + k.double().sum().item()
         n, history = len(ds.x_test), load_checked(path)["history"]
-        who = {"dataset": p["data"]["name"], "I": p["model"]["I"], "seed": p["seed"]}
+        who = {"dataset": p.data.name, "I": p.model.I, "seed": p.seed}
         last = history[-1] if history else {}
-        rows.append(who | {"iters": p["pretrain"]["iters"], "test_elbo": (recon - kl) / n, "test_recon": recon / n,
+        rows.append(who | {"iters": p.pretrain.iters, "test_elbo": (recon - kl) / n, "test_recon": recon / n,
                            "test_kl": kl / n, "train_elbo_last": last.get("elbo"), "train_kl_last": last.get("kl"),
                            "pretrain": Path(key).stem})
         curves += [who | {k: h[k] for k in ("step", "elbo", "recon", "kl")} for h in history]

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
@@ -16,56 +15,9 @@ from .clustering import factorial_kmeans
 from .levers import Adversary, swap_consistency
 from .model import FMVAE
 from .prior import robbins_monro
-from .schema import ORDERS, default
+from .params import ORDERS, PHASE_SECTIONS, TrainConfig
 from .step import (Batcher, TrainData, WeightAverage, as_weight, autocast, compiled, gradient_norm,
                    make_optimizer, ramp, run_loop, set_lr, skip_batch)
-
-@dataclass
-class TrainConfig:
-    """One phase's settings. Every default is the schema's (fmvae.schema: the same as params.yaml);
-    config.train_config fills them from params, and the key each comes from is named beside it."""
-    iters: int
-    batch_size: int = default("train.batch_size")
-    lr: float = default("train.lr")
-    seed: int = default("seed")
-    log_every: int = default("train.log_every")
-    checkpoint_every_s: float = default("train.checkpoint_every_s")
-    kl_anneal_iters: int = default("pretrain.kl_anneal_iters")   # pretrain: KL weight ramps 0 -> 1
-    tau0: float = default("svi.tau0")                             # SVI step size (tau0 + t)^-kappa
-    kappa: float = default("svi.kappa")
-    init_points: int = default("prior_init.init_points")          # encodings the factorial k-means seeds from
-    init_restarts: int = default("prior_init.restarts")           # its restarts (the lowest objective wins)
-    init_rotate: bool = default("prior_init.rotate")              # I > 1: rotate z to its most factorial orientation
-    delta: float = default("semi.delta")                          # weight of the cross-entropy term in (8) ...
-    delta_until: float = default("semi.delta_until")              # ... over this first fraction of the joint phase
-    average_factors: bool = default("semi.average_factors")       # labelled factors' prior parameters averaged
-    swap_weight: float = default("semi.swap_weight")              # fmvae.levers: swap consistency (0: off)
-    adversary_weight: float = default("semi.adversary_weight")    # fmvae.levers: adversary on the other blocks (0: off)
-    kl_z_weight: float = default("joint.kl_z_weight")             # initial up-weighting of KL[z] (the paper's 20) ...
-    kl_z_anneal_iters: int = default("joint.kl_z_anneal_iters")   # ... annealed linearly to 1 over these iterations
-    lr_decay: float = default("joint.lr_decay")                   # joint: Adam's step falls to 0 over this last fraction
-    nan_policy: str = default("train.nan_policy")                 # "stop": raise on a non-finite term; "skip": drop it
-    ema_decay: float = default("train.ema_decay")                 # WeightAverage's decay; 0: the last iterate
-    snapshots: int = default("joint.snapshots")                   # joint: models kept at the last steps ...
-    snapshot_every: int = default("joint.snapshot_every")         # ... this many iterations apart
-    amp: bool = default("train.bf16")                             # bf16 autocast for the networks (prior in float32)
-    order: str = default("joint.order")                           # joint step: reuse, paper or fused; see joint_step
-    compile: bool = default("train.compile")                      # torch.compile the differentiable part of each step
-    cuda_graph: bool = default("train.cuda_graph")                # CUDA: capture the whole iteration in a CUDA graph
-    progress: bool = True
-
-
-# TrainConfig field -> the params key it comes from (config.train_config and the drift test use it)
-TRAIN_KEYS = {"batch_size": "train.batch_size", "lr": "train.lr", "seed": "seed", "log_every": "train.log_every",
-              "checkpoint_every_s": "train.checkpoint_every_s", "kl_anneal_iters": "pretrain.kl_anneal_iters",
-              "tau0": "svi.tau0", "kappa": "svi.kappa", "init_points": "prior_init.init_points",
-              "init_restarts": "prior_init.restarts", "init_rotate": "prior_init.rotate", "delta": "semi.delta",
-              "delta_until": "semi.delta_until", "average_factors": "semi.average_factors",
-              "swap_weight": "semi.swap_weight", "adversary_weight": "semi.adversary_weight",
-              "kl_z_weight": "joint.kl_z_weight", "kl_z_anneal_iters": "joint.kl_z_anneal_iters",
-              "lr_decay": "joint.lr_decay",              "nan_policy": "train.nan_policy", "ema_decay": "train.ema_decay",
-              "snapshots": "joint.snapshots", "snapshot_every": "joint.snapshot_every", "amp": "train.bf16", "order": "joint.order",
-              "compile": "train.compile", "cuda_graph": "train.cuda_graph"}
 
 
 def _average(params, cfg: TrainConfig) -> WeightAverage | None:
@@ -78,7 +30,7 @@ def snapshot_steps(cfg: TrainConfig) -> list[int]:
     return [s for s in (cfg.iters - j * cfg.snapshot_every for j in reversed(range(cfg.snapshots))) if s > 0]
 
 
-def _optimizer(params, cfg: TrainConfig):
+def optimizer(params, cfg: TrainConfig):
     return make_optimizer(params, cfg.lr, capturable=cfg.cuda_graph and all(p.is_cuda for p in params))
 
 
@@ -116,7 +68,7 @@ def pretrain(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDi
     """Fit theta, phi under a N(0, I) prior, the KL weight ramped 0 -> 1 over cfg.kl_anneal_iters.
     The model leaves with the average of its weights (WeightAverage; the last iterate if ema_decay = 0)."""
     torch.manual_seed(cfg.seed)
-    opt = _optimizer(model.network_parameters(), cfg)
+    opt = optimizer(model.network_parameters(), cfg)
     average = _average(model.network_parameters(), cfg)
     history = run_loop("pretrain", model, pretrain_step(model, opt, cfg), cfg, Batcher(data, cfg.batch_size, cfg.seed),
                         opt, ckpt, fingerprint, on_log, meta=meta, average=average)
@@ -153,8 +105,8 @@ def init_prior(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoint
     gen = torch.Generator().manual_seed(cfg.seed)  # (a resumed run then overwrites the model from its checkpoint)
     pick = torch.randperm(n_total, generator=gen)[:cfg.init_points].to(mu_all.device)
     clamp = data.labels[pick] if data.labels is not None else None
-    rotate = cfg.init_rotate and model.I > 1  # with one block a rotation cannot change the k-means fit
-    rotation, assignments, _ = factorial_kmeans(mu_all[pick], prior.K, gen, cfg.init_restarts, rotate, clamp=clamp)
+    rotate = cfg.rotate and model.I > 1  # with one block a rotation cannot change the k-means fit
+    rotation, assignments, _ = factorial_kmeans(mu_all[pick], prior.K, gen, cfg.restarts, rotate, clamp=clamp)
     if rotate:
         model.rotate_latent(rotation)
         mu_all, var_all = encode_all(model, data)
@@ -212,7 +164,7 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params, named=
     "fused":  encode -> gamma -> SVI step on q(xi) -> gamma under the new q(xi) -> Adam. Biased:
               each point is scored against a q(xi) that already holds it with weight rho N / |B|,
               which pulls the prior towards the batch and shrinks KL[z]'s gradient. Kept only to
-              reproduce the comparison in the README.
+              reproduce the comparison in docs/implementation.md.
     The Adam step includes the cross-entropy (8) and, for gradient factors, their prior
     parameters; with cfg.swap_weight / cfg.adversary_weight > 0 also the terms of fmvae.levers
     on the `named` factors (the adversary's classifiers, `adversary`, are in `params`). The differentiable part (encode, bound, loss) is `forward`, which
@@ -374,7 +326,7 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     if cfg.adversary_weight > 0:  # trained with the networks; checkpointed (resume), not part of the model
         adversary = Adversary(model.I, model.D, model.K, gradient_factors).to(model.prior.lam.device)
         params = params + list(adversary.parameters())
-    opt = _optimizer(params, cfg)
+    opt = optimizer(params, cfg)
 
     def log_extras(row):
         with torch.no_grad():
@@ -391,3 +343,8 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
         average.copy_to()
     prior.sync_gradient_factors()
     return history
+
+
+# the three phases in order, by the names params.yaml's sections and the stages use
+PHASES = {"pretrain": pretrain, "prior_init": init_prior, "joint": joint_train}
+assert tuple(PHASES) == tuple(PHASE_SECTIONS)

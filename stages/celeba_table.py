@@ -34,13 +34,12 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 import torch
-import yaml
 from _common import REPORTS, ROOT
 
 from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, runs
 from fmvae.checkpoint import atomic_write_bytes, atomic_write_text
-from fmvae.experiments import full_rev, load_run, show
-from fmvae.params import flatten
+from fmvae.experiments import full_rev, load_run, run_params, show
+from fmvae.params import Params, flatten
 from fmvae.report import PAPER_CELEBA, train_judge, write_table
 
 matplotlib.use("Agg")
@@ -49,20 +48,20 @@ COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation
           "reports/figures/clusters.png", "reports/figures/training_curves.png"]
 
 
-def differences(params: dict, reference: dict) -> dict:
+def differences(params: Params, reference: Params) -> dict:
     """The run's params that differ from the reference run's, the seed aside."""
-    used, base = flatten(params), flatten(reference)
+    used, base = flatten(params.to_dict()), flatten(reference.to_dict())
     return {k: v for k, v in used.items() if k != "seed" and v != base.get(k)}
 
 
 def check_roles(experiments: list[str], variants: list[str]) -> dict[str, dict]:
     """Seeds of one configuration are averaged; anything else must come as a --variant. Returns what
     each experiment changed from the first one (empty for the seeds)."""
-    params = {name: yaml.safe_load(show(full_rev(name), "params.yaml")) for name in experiments + variants}
+    params = {name: run_params(full_rev(name)) for name in experiments + variants}
     changes = {name: differences(p, params[experiments[0]]) for name, p in params.items()}
     for name, changed in changes.items():
-        if params[name]["data"]["name"] != "celeba":
-            raise SystemExit(f"error: experiment {name!r} trained on {params[name]['data']['name']!r}, not celeba")
+        if params[name].data.name != "celeba":
+            raise SystemExit(f"error: experiment {name!r} trained on {params[name].data.name!r}, not celeba")
         if bool(changed) != (name in variants):
             raise SystemExit(f"error: experiment {name!r} changed {changed or 'only the seed'} from "
                              f"{experiments[0]!r}; pass it {'with' if changed else 'without'} --variant")
@@ -72,7 +71,7 @@ def check_roles(experiments: list[str], variants: list[str]) -> dict[str, dict]:
 def run_report(name: str, changed: dict | None = None) -> tuple[list[dict], pd.DataFrame]:
     """One experiment's rows (a variant's naming what it `changed`) and NMI table."""
     rev = full_rev(name)
-    params = yaml.safe_load(show(rev, "params.yaml"))
+    params = run_params(rev)
     props, metrics = json.loads(show(rev, "reports/properties.json")), json.loads(show(rev, "reports/metrics.json"))
     out = REPORTS / "celeba" / name
     for path in COPIED:
@@ -88,7 +87,7 @@ def run_report(name: str, changed: dict | None = None) -> tuple[list[dict], pd.D
         if abs(scores["accuracy"] - props[f"acc_{prop}"]) * len(ds.x_test) > 2.5:
             raise SystemExit(f"error: {name}: the model gives {prop} accuracy {scores['accuracy']:.6f}, its run "
                              f"recorded {props[f'acc_{prop}']:.6f}: not the model that run evaluated")
-        rows.append({"run": name, "seed": params["seed"], **({"changed": _changes(changed)} if changed else {}),
+        rows.append({"run": name, "seed": params.seed, **({"changed": _changes(changed)} if changed else {}),
                      "property": prop, "accuracy_argmax_q_r": props[f"acc_{prop}"],
                      "balanced_accuracy": scores["balanced_accuracy"], "majority_baseline": scores["majority_baseline"],
                      "paper_accuracy": PAPER_CELEBA[prop][0],
@@ -97,10 +96,10 @@ def run_report(name: str, changed: dict | None = None) -> tuple[list[dict], pd.D
                      "judge_on_reconstructions": swap[prop]["judge_on_reconstructions"],
                      "judge_sees_factor_swap": swap[prop]["judge_sees_factor_swap"],
                      "test_elbo": metrics["elbo"], "train_images": len(ds.x_train), "test_images": len(ds.x_test)})
-    folder = data_mod.fetch("celeba", ROOT / params["data"]["raw_dir"], params["data"]["mirror"] or None)
+    folder = data_mod.fetch("celeba", ROOT / params.data.raw_dir, params.data.mirror or None)
     names, attributes = cr.attributes_of_test_images(folder, ds)
     nmi = cr.factor_attribute_nmi(assignments, attributes, names, ds.property_names)
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     cr.figure6(model, ds, out / "figure6.png")
     for factor in range(len(ds.property_names), model.I):
         cr.factor_figure(model, ds, factor, out / f"figure8_factor{factor}.png")
@@ -111,7 +110,7 @@ def run_report(name: str, changed: dict | None = None) -> tuple[list[dict], pd.D
     return rows, nmi.reset_index(names="factor").assign(run=name, K=list(model.K))
 
 
-def factor_swap(name: str, rev: str, params: dict, props: dict, model, ds, path: Path) -> list[dict]:
+def factor_swap(name: str, rev: str, params: Params, props: dict, model, ds, path: Path) -> list[dict]:
     """fmvae.celeba_report.factor_swap with the run's judge trained again (same images, seed, steps
     and thread count). Its minutes of CPU (nine on one thread of the 2-core host) are spent once per
     run and code: `path` keeps the rows under a key of the run's commit (its params, model and
@@ -131,7 +130,7 @@ def factor_swap(name: str, rev: str, params: dict, props: dict, model, ds, path:
     threads, before = json.loads(show(rev, "reports/provenance.json"))["host"]["torch_threads"], torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        judge, judge_acc = train_judge(ds, params["properties"]["judge_iters"], seed=params["seed"])
+        judge, judge_acc = train_judge(ds, params.properties.judge_iters, seed=params.seed)
     finally:
         torch.set_num_threads(before)
     for prop, acc in zip(ds.property_names, judge_acc):

@@ -19,7 +19,7 @@ from _common import REPORTS
 
 from fmvae import runs
 from fmvae.checkpoint import atomic_write_bytes
-from fmvae.experiments import full_rev, show
+from fmvae.experiments import full_rev, run_params, show
 from fmvae.params import flatten, validate
 from fmvae.report import write_table
 
@@ -30,7 +30,7 @@ PRESET = "mnist_compose"
 
 def run_row(name: str) -> dict:
     rev = full_rev(name)
-    params = yaml.safe_load(show(rev, "params.yaml"))
+    params = run_params(rev)
     diagnosis_file = REPORTS / "diagnostics" / f"{name}.json"
     if not diagnosis_file.exists():
         raise SystemExit(f"error: no diagnostics for {name!r}: run python stages/diagnose.py {name} first")
@@ -40,13 +40,13 @@ def run_row(name: str) -> dict:
                          f"is now {rev[:7]}: run python stages/diagnose.py {name} again")
     for path in COPIED:
         atomic_write_bytes(REPORTS / PRESET / name / path.split("/")[-1], show(rev, path))
-    preset = flatten(validate(yaml.safe_load(show(rev, f"presets/{PRESET}.yaml"))))  # the preset the run was given
-    changed = {k: v for k, v in flatten(params).items() if preset.get(k) != v and not k.startswith("data.mirror")}
+    preset = flatten(validate(yaml.safe_load(show(rev, f"presets/{PRESET}.yaml"))).to_dict())  # the preset the run was given
+    changed = {k: v for k, v in flatten(params.to_dict()).items() if preset.get(k) != v and not k.startswith("data.mirror")}
     metrics, props = json.loads(show(rev, "reports/metrics.json")), json.loads(show(rev, "reports/properties.json"))
     (digit,) = diagnosis["properties"]
     free = [u for u in digit["factor_usage"] if u["factor"] != digit["factor"]]
     return {"run": name, "changed": ", ".join(f"{k}={v}" for k, v in changed.items()) or "(the preset)",
-            "K_free": params["model"]["K"][1], "elbo": metrics["elbo"], "iwae": metrics.get("iwae"),
+            "K_free": params.model.K[1], "elbo": metrics["elbo"], "iwae": metrics.get("iwae"),
             "acc": props["acc_digit"], "agreement": props["agreement_digit"], "judge_acc": props["judge_acc_digit"],
             "round_trip": digit["round_trip"],
             "free_components_2pct": free[0]["components_over_2pct"] if free else None,

@@ -21,41 +21,40 @@ from pathlib import Path
 
 import matplotlib
 import torch
-import yaml
 from _common import REPORTS, ROOT
 
 matplotlib.use("Agg")  # files only: the script, not the library, chooses the backend
 
 from fmvae import diagnostics as dg, evaluate as ev, plots  # noqa: E402
 from fmvae.checkpoint import atomic_write_json, atomic_write_text, git_commit, host  # noqa: E402
-from fmvae.experiments import full_rev, load_run, show  # noqa: E402
-from fmvae.report import _predict, train_judge  # noqa: E402
+from fmvae.experiments import full_rev, load_run, run_params, show  # noqa: E402
+from fmvae.report import predict, train_judge  # noqa: E402
 
 POINTS = 2000  # test images each measure uses (the first ones of a seeded permutation)
 
 
 def diagnose(name: str) -> dict:
     rev = full_rev(name)
-    params = yaml.safe_load(show(rev, "params.yaml"))
+    params = run_params(rev)
     with tempfile.TemporaryDirectory() as tmp:
         ds, model = load_run(rev, params, Path(tmp))
-    if ds.y_test is None or params["semi"]["fraction"] <= 0:
+    if ds.y_test is None or params.semi.fraction <= 0:
         raise SystemExit(f"error: experiment {name!r} has no labelled factors to diagnose")
     torch.set_num_threads(json.loads(show(rev, "reports/provenance.json"))["host"]["torch_threads"])
-    judge, judge_acc = train_judge(ds, params["properties"]["judge_iters"], seed=params["seed"])
+    judge, judge_acc = train_judge(ds, params.properties.judge_iters, seed=params.seed)
     model.eval()
-    torch.manual_seed(params["seed"])
-    pick = torch.randperm(len(ds.x_test), generator=torch.Generator().manual_seed(params["seed"]))[:POINTS]
+    torch.manual_seed(params.seed)
+    pick = torch.randperm(len(ds.x_test), generator=torch.Generator().manual_seed(params.seed))[:POINTS]
     x = ds.to_float(ds.x_test[pick])
     with torch.no_grad():
         mu = model.encode(x)[0]
-        real = _predict(judge, x)
+        real = predict(judge, x)
     assignments = ev.evaluate_bound(model, x, lambda t: t)["assignments"]
     decode = lambda z: model.decoder.mean(z.reshape(len(z), -1))  # differentiable (decode_mean is not)
     means = model.prior.mean_params()[0].float()
     baseline = subprocess.run(["git", "rev-parse", f"{rev}^"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()  # the commit the experiment ran on (its code)
-    out = {"run": name, "rev": rev, "baseline": baseline, "params": params, "measured_by": git_commit(),
+    out = {"run": name, "rev": rev, "baseline": baseline, "params": params.to_dict(), "measured_by": git_commit(),
            "host": host(), "properties": []}
     for p, prop in enumerate(ds.property_names):
         y = ds.y_test[pick, p]
@@ -70,13 +69,13 @@ def diagnose(name: str) -> dict:
             "transplant_carries_per_block": dg.block_transplant(mu, y, decode, judge_p),
             "component_move_judged": dg.component_move(mu, y, means[p, :k], p, decode, judge_p),
             "prior_fit": dg.prior_fit(model, mu, y, p),
-            "round_trip": dg.round_trip(model, p, seed=params["seed"]),
+            "round_trip": dg.round_trip(model, p, seed=params.seed),
             "factor_usage": dg.factor_usage(assignments, y, model.K)})
     free = [i for i in range(model.I) if i >= len(ds.property_names)]
     if free:  # the composition figure: named values (rows) x the first free factor's components, one draw each
-        torch.manual_seed(params["seed"])
+        torch.manual_seed(params.seed)
         names = dict(enumerate(ds.property_names))
-        plots.sample_grid(model, ds, (0, free[0]), params["plot"]["max_components"],
+        plots.sample_grid(model, ds, (0, free[0]), params.plot.max_components,
                           REPORTS / "diagnostics" / f"{name}_grid.png", per_cell=1, names=names)
     return out
 

@@ -12,7 +12,7 @@ from fmvae.plots import model_figures  # noqa: E402
 
 def plot(params):
     ds, model = load_trained(params, DATA, MODELS / "joint.pt")
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     written = model_figures(model, ds, params, REPORTS / "figures",
                             [CURVES / f"{p}.csv" for p in ("pretrain", "prior_init", "joint")])
     print("plot: " + ", ".join(str(w) for w in written))

@@ -5,7 +5,7 @@
     dvc exp show                                   # the preset's row beside the default run
     dvc exp apply mnist_paper                      # bring its params and results into the workspace
 
-The preset (presets/NAME.yaml) is validated against the schema first; each of its keys becomes
+The preset (presets/NAME.yaml) is validated against fmvae.params' declarations first; each of its keys becomes
 one `-S` override, so DVC records exactly what the experiment changed. `--temp` runs it in a
 temporary copy of the repository, so the default profile's outputs are never overwritten.
 Arguments after the name are passed on to `dvc exp run` (e.g. `--queue`).

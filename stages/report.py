@@ -10,7 +10,7 @@ from _common import REPORTS, main
 matplotlib.use("Agg")  # files only: the script, not the library, chooses the backend
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fmvae.plots import _save  # noqa: E402
+from fmvae.plots import save_figure  # noqa: E402
 from fmvae.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
 from fmvae.report import figure3, pretraining_wide, sweep_summary  # noqa: E402
 
@@ -37,7 +37,7 @@ def pretraining_figure(summary: pd.DataFrame, curves: pd.DataFrame, path):
             ax.legend(fontsize=7)
     fig.suptitle("The sweep's pre-trainings, shared by every K of a seed (legend: the averaged model's test bound)",
                  fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def report(params):

@@ -16,11 +16,10 @@ import json
 
 import dvc.api
 import torch
-import yaml
 from _common import REPORTS, ROOT
 
 from fmvae import runs
-from fmvae.experiments import full_rev, show
+from fmvae.experiments import full_rev, run_params, show
 from fmvae.checkpoint import atomic_write_bytes
 from fmvae.data import semi_supervised_labels
 from fmvae.report import semi_supervised_table, write_table
@@ -31,17 +30,17 @@ COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties
 
 def run_row(name: str) -> dict:
     rev = full_rev(name)
-    params = yaml.safe_load(show(rev, "params.yaml"))
-    if params["data"]["name"] != "mnist":
-        raise SystemExit(f"error: experiment {name!r} trained on {params['data']['name']!r}, not mnist")
+    params = run_params(rev)
+    if params.data.name != "mnist":
+        raise SystemExit(f"error: experiment {name!r} trained on {params.data.name!r}, not mnist")
     props, metrics = json.loads(show(rev, "reports/properties.json")), json.loads(show(rev, "reports/metrics.json"))
     with dvc.api.open("data/prepared/dataset.pt", repo=str(ROOT), rev=rev, mode="rb") as f:
         y_train = torch.load(io.BytesIO(f.read()), weights_only=True)["y_train"]
-    labels = semi_supervised_labels(y_train, params["semi"]["fraction"], params["model"]["I"], params["seed"])
+    labels = semi_supervised_labels(y_train, params.semi.fraction, params.model.I, params.seed)
     n_labelled = int((labels[:, 0] >= 0).sum())
     for path in COPIED:
         atomic_write_bytes(REPORTS / "mnist_semi" / name / path.split("/")[-1], show(rev, path))
-    return {"name": f"{name}, {params['semi']['fraction']:.0%} labels", "labels": n_labelled,
+    return {"name": f"{name}, {params.semi.fraction:.0%} labels", "labels": n_labelled,
             "unlabelled": len(y_train) - n_labelled, "acc": props["acc_digit"],
             "agreement": props["agreement_digit"], "judge_acc": props["judge_acc_digit"], "elbo": metrics["elbo"]}
 

@@ -50,7 +50,7 @@ def experiment_command(table: runs.RunTable, name: str) -> str:
     used = flatten(yaml.safe_load((folder / "params.yaml").read_text()))
     preset = PRESETS.get(table.kind)
     stated = yaml.safe_load((ROOT / "presets" / f"{preset}.yaml").read_text()) if preset else {}
-    base = flatten(validate(stated))
+    base = flatten(validate(stated).to_dict())
     sets = [f"-S {shlex.quote(f'{k}={json.dumps(v)}')}" for k, v in used.items() if base.get(k) != v]
     threads = json.loads((folder / "provenance.json").read_text()).get("host", {}).get("torch_threads") \
         if (folder / "provenance.json").exists() else None

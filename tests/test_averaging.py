@@ -11,7 +11,8 @@ from fmvae.data import factorial_vectors
 from fmvae.evaluate import evaluate_bound
 from fmvae.model import FMVAE
 from fmvae.step import TrainData, WeightAverage
-from fmvae.train import TrainConfig, init_prior, joint_train, pretrain
+from fmvae.params import TrainConfig
+from fmvae.train import init_prior, joint_train, pretrain
 from helpers import tiny_params
 
 

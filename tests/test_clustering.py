@@ -103,13 +103,14 @@ def test_rotate_latent_refuses_a_matrix_that_is_not_orthogonal():
 @pytest.mark.parametrize("rotate", [True, False])
 def test_init_prior_folds_an_orthogonal_rotation_into_the_networks(rotate):
     from fmvae.data import factorial_vectors
-    from fmvae.train import TrainConfig, TrainData, init_prior
+    from fmvae.params import TrainConfig
+    from fmvae.train import TrainData, init_prior
     x, _ = factorial_vectors(500, seed=0)
     torch.manual_seed(0)
     model = FMVAE("mlp", (20,), K=[3, 3], D=2)
     with torch.no_grad():
         mu = model.encode(x)[0].flatten(1)
-    init_prior(model, TrainData(x, lambda t: t), TrainConfig(iters=0, progress=False, init_rotate=rotate))
+    init_prior(model, TrainData(x, lambda t: t), TrainConfig(iters=0, progress=False, rotate=rotate))
     with torch.no_grad():
         mu2 = model.encode(x)[0].flatten(1)
     r = torch.linalg.lstsq(mu, mu2).solution  # mu2 = mu R exactly

@@ -214,7 +214,7 @@ def test_an_interrupted_copy_leaves_no_file_under_the_final_name(tmp_path):
             return b"x" * 1000
 
     with pytest.raises(ConnectionError):
-        data._install(Broken(), tmp_path / "file.bin", None)
+        data.install(Broken(), tmp_path / "file.bin", None)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -7,7 +7,8 @@ from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.evaluate import matched_accuracy, supervised_accuracy, evaluate_bound
 from fmvae.model import FMVAE
 from fmvae.step import TrainData
-from fmvae.train import TrainConfig, init_prior, joint_train, pretrain
+from fmvae.params import TrainConfig
+from fmvae.train import init_prior, joint_train, pretrain
 
 COMMON = dict(batch_size=128, lr=3e-3, log_every=100, progress=False, tau0=1.0, kappa=0.7, kl_anneal_iters=0)
 identity = lambda t: t

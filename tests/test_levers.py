@@ -12,9 +12,10 @@ from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.checkpoint import CheckpointDir
 from fmvae.levers import Adversary, read_back, swap_consistency
 from fmvae.model import FMVAE
-from fmvae.params import ParamError, validate
+from fmvae.params import ParamError, train_config, validate
 from fmvae.step import TrainData
-from fmvae.train import TrainConfig, init_prior, joint_train, pretrain
+from fmvae.params import TrainConfig
+from fmvae.train import init_prior, joint_train, pretrain
 
 X, Y = factorial_vectors(3000, seed=0)
 DATA = TrainData(X, lambda t: t, semi_supervised_labels(Y, 0.3, 2, 0))
@@ -27,7 +28,7 @@ def initialised():
     torch.manual_seed(0)
     model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
     pretrain(model, DATA, dataclasses.replace(BASE, iters=100, kl_anneal_iters=30))
-    init_prior(model, DATA, dataclasses.replace(BASE, iters=20, init_points=1000, init_restarts=2))
+    init_prior(model, DATA, dataclasses.replace(BASE, iters=20, init_points=1000, restarts=2))
     return model.state_dict()
 
 
@@ -41,7 +42,7 @@ def entangled(initialised):
     c = 0.5 ** 0.5
     turn = torch.tensor([[c, 0, c, 0], [0, c, 0, c], [-c, 0, c, 0], [0, -c, 0, c]])
     model.rotate_latent(turn)
-    init_prior(model, DATA, dataclasses.replace(BASE, iters=20, init_points=1000, init_restarts=2, init_rotate=False))
+    init_prior(model, DATA, dataclasses.replace(BASE, iters=20, init_points=1000, restarts=2, rotate=False))
     return model.state_dict()
 
 
@@ -116,7 +117,7 @@ def test_the_levers_key_the_joint_phase_s_checkpoints():
     set gives another one, so a run never resumes a checkpoint of the other setting. (Sweep trials key on
     the whole `semi` section, fmvae.sweep.TRIAL_SECTIONS.)"""
     base = {"semi": {"delta": 10.0, "fraction": 0.1}, "model": {"I": 2}}
-    fingerprints = {config.fingerprint(config.train_config(validate(base | {"semi": base["semi"] | extra}), "joint").__dict__)
+    fingerprints = {config.fingerprint(train_config(validate(base | {"semi": base["semi"] | extra}), "joint").__dict__)
                     for extra in ({}, {"delta_until": 0.5}, {"average_factors": True}, {"swap_weight": 1.0},
                                   {"adversary_weight": 1.0})}
     assert len(fingerprints) == 5

@@ -11,7 +11,8 @@ import fmvae.pack as pack_module
 from helpers import ReorderedLinear
 from fmvae.pack import PackedModel, train_pack
 from fmvae.step import NumericalError, TrainData
-from fmvae.train import TrainConfig, joint_train, pretrain
+from fmvae.params import TrainConfig
+from fmvae.train import joint_train, pretrain
 
 X, _ = factorial_vectors(3000, seed=0)
 X_TEST, _ = factorial_vectors(1000, seed=1)

@@ -1,4 +1,4 @@
-"""Each promise of README's "Guarantees" section, proven by injecting the fault it guards against."""
+"""Each promise of docs/guarantees.md, proven by injecting the fault it guards against."""
 import json
 import os
 import signal
@@ -13,7 +13,8 @@ from fmvae.checkpoint import CheckpointDir, CorruptCheckpoint, UnsafeCheckpoint,
 from fmvae.data import factorial_vectors
 from fmvae.model import FMVAE
 from fmvae.step import NumericalError, TrainData
-from fmvae.train import TrainConfig, joint_train
+from fmvae.params import TrainConfig
+from fmvae.train import joint_train
 from helpers import copy_project, env_with_venv, run, tiny_params
 
 OUTS = ["models/joint.pt", "reports/metrics.json"]

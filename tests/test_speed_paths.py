@@ -9,7 +9,8 @@ from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.evaluate import evaluate_bound, supervised_accuracy
 from fmvae.model import FMVAE
 from fmvae.step import make_optimizer
-from fmvae.train import TrainConfig, joint_step
+from fmvae.params import TrainConfig
+from fmvae.train import joint_step
 from test_end_to_end import train
 
 
@@ -33,7 +34,7 @@ def one_joint_step(amp: bool, order: str = "fused"):
     with torch.no_grad():
         mu, logvar = model.encode(x)
     model.prior.init_from_encodings(mu, logvar.exp(), 1000, torch.Generator().manual_seed(0))
-    cfg = TrainConfig(iters=1, lr=1e-3, amp=amp, order=order, tau0=1.0)
+    cfg = TrainConfig(iters=1, lr=1e-3, bf16=amp, order=order, tau0=1.0)
     params = model.network_parameters()
     step = joint_step(model, make_optimizer(params, cfg.lr), cfg, 1000, params)
     torch.manual_seed(1)

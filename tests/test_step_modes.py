@@ -14,7 +14,8 @@ from fmvae.model import FMVAE
 from fmvae.prior import FactorialMixturePrior
 from fmvae.distributions import normal_gamma as ng
 from fmvae.step import TrainData, make_optimizer
-from fmvae.train import TrainConfig, init_prior, joint_step, joint_train, pretrain
+from fmvae.params import TrainConfig
+from fmvae.train import init_prior, joint_step, joint_train, pretrain
 
 identity = lambda t: t
 
@@ -84,7 +85,7 @@ def train_three_phases(compile: bool):
     model = FMVAE("mlp", (20,), K=[3, 3], D=2)
     common = dict(batch_size=32, lr=3e-3, log_every=5, progress=False, tau0=1.0, compile=compile)
     h_pre = pretrain(model, TrainData(x, identity), TrainConfig(iters=12, kl_anneal_iters=8, **common))
-    init_prior(model, TrainData(x, identity, labels), TrainConfig(iters=5, init_points=300, init_restarts=2, **common))
+    init_prior(model, TrainData(x, identity, labels), TrainConfig(iters=5, init_points=300, restarts=2, **common))
     h_joint = joint_train(model, TrainData(x, identity, labels),
                           TrainConfig(iters=12, delta=10.0, kl_z_weight=5.0, kl_z_anneal_iters=8, **common),
                           gradient_factors=[0, 1])

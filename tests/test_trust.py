@@ -11,9 +11,8 @@ import yaml
 
 from fmvae import config, runs as committed_runs
 from fmvae.data.prepared import prepare_data
-from fmvae.params import ParamError, flatten, load_params, unflatten, validate
-from fmvae.schema import SCHEMA
-from fmvae.train import TRAIN_KEYS, TrainConfig
+from fmvae.params import (PHASE_SECTIONS, SCHEMA, SHARED_SECTIONS, ParamError, TrainConfig, flatten, load_params,
+                          train_config, unflatten, validate)
 
 ROOT = Path(__file__).resolve().parent.parent
 IMPORTS = """
@@ -64,12 +63,26 @@ def test_the_code_digest_covers_every_module_a_training_stage_runs():
     assert not {"plots.py", "report.py", "sweep.py"} & {p.name for p in digested}
 
 
-def test_train_config_defaults_are_the_schema_s():
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in TRAIN_KEYS:
-            assert f.default == SCHEMA[TRAIN_KEYS[f.name]][0], (f.name, f.default, SCHEMA[TRAIN_KEYS[f.name]][0])
-    missing = {f.name for f in dataclasses.fields(TrainConfig)} - set(TRAIN_KEYS) - {"iters", "progress"}
-    assert not missing, f"TrainConfig fields without a params key: {missing}"
+def _phase_keys() -> dict[str, str]:
+    """Every key a training phase reads -> the phase that reads it (seed, train and svi: all; <phase>.*: its own)."""
+    keys = {}
+    for phase, sections in PHASE_SECTIONS.items():
+        for key in SCHEMA:
+            section = key.split(".")[0]
+            if (key == "seed" or section in SHARED_SECTIONS + sections) and not key.endswith(".iters"):
+                keys.setdefault(key, phase)
+    return keys
+
+
+def test_train_config_is_the_phase_settings_with_their_defaults():
+    """TrainConfig is generated from the declarations: one field per key of the phases' sections (named by
+    its last part), with that key's default, and nothing else but iters and progress."""
+    keys = _phase_keys()
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(fields) == {k.split(".")[-1] for k in keys} | {"iters", "progress"}
+    for key in keys:
+        assert fields[key.split(".")[-1]].default == SCHEMA[key].default, key
+    assert {"lr", "bf16", "restarts", "rotate", "delta", "swap_weight"} <= set(fields)
 
 
 def test_params_yaml_states_exactly_the_schema_defaults():
@@ -77,7 +90,7 @@ def test_params_yaml_states_exactly_the_schema_defaults():
     stated = flatten(yaml.safe_load((ROOT / "params.yaml").read_text()))
     assert set(stated) == set(SCHEMA), set(stated) ^ set(SCHEMA)
     for key, value in stated.items():
-        default = SCHEMA[key][0]
+        default = SCHEMA[key].default
         assert value == default and type(value) is type(default), (key, value, default)
 
 
@@ -92,12 +105,14 @@ def _another_value(key: str, value):
 
 def test_train_config_takes_every_field_from_params():
     """Change each params key TrainConfig reads, one at a time: the phase that reads it sees it."""
-    base = flatten(validate({"semi": {"delta": 1.0, "fraction": 0.1}, "model": {"I": 2}}))  # labels, two blocks: the semi levers apply
-    for field, key in TRAIN_KEYS.items():
-        phase = {"pretrain": "pretrain", "prior_init": "prior_init"}.get(key.split(".")[0], "joint")
-        new = _another_value(key, SCHEMA[key][0])
+    base = flatten(validate({"semi": {"delta": 1.0, "fraction": 0.1}, "model": {"I": 2}}).to_dict())  # labels, two blocks: the semi levers apply
+    for key, phase in _phase_keys().items():
+        new = _another_value(key, SCHEMA[key].default)
         params = validate(unflatten(base | {key: new}))
-        assert getattr(config.train_config(params, phase), field) == new, (field, key)
+        assert getattr(train_config(params, phase), key.split(".")[-1]) == new, key
+        others = [p for p in PHASE_SECTIONS if p != phase and key.split(".")[0] in PHASE_SECTIONS[phase]]
+        for other in others:  # another phase's settings keep their defaults there (no needless re-keying)
+            assert getattr(train_config(params, other), key.split(".")[-1]) == SCHEMA[key].default, (key, other)
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "presets").glob("*.yaml")), ids=lambda p: p.stem)
@@ -106,8 +121,8 @@ def test_presets_override_schema_keys_only(preset):
     leaves out comes from the schema, so a preset run and the default profile share one source."""
     stated = flatten(yaml.safe_load(preset.read_text()))
     assert set(stated) <= set(SCHEMA)
-    full = flatten(validate(unflatten(stated)))
-    assert all(full[k] == SCHEMA[k][0] for k in SCHEMA if k not in stated)
+    full = flatten(validate(unflatten(stated)).to_dict())
+    assert all(full[k] == SCHEMA[k].default for k in SCHEMA if k not in stated)
 
 
 def assert_lock_records_the_code_at_hand(lock_file: Path) -> int:
@@ -153,8 +168,8 @@ def test_the_committed_sweep_s_params_file_is_valid_and_its_figures_are_declared
     spec = yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["stages"]["report"]
     declared = {next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"] + spec["plots"] + spec["metrics"]}
     expected = {"reports/figure3.png", "reports/figure3_pretraining.png", "reports/sweep/summary.json"} | \
-        {f"reports/figure3_{d}.{e}" for d in params["sweep"]["data"] for e in ("png", "csv", "md")} | \
-        {f"reports/sweep/pretraining_{d}.csv" for d in params["sweep"]["data"]}
+        {f"reports/figure3_{d}.{e}" for d in params.sweep.data for e in ("png", "csv", "md")} | \
+        {f"reports/sweep/pretraining_{d}.csv" for d in params.sweep.data}
     assert declared == expected
     assert "--sweep-params sweep/params.yaml" in yaml.safe_load((ROOT / "sweep/dvc.yaml").read_text())["stages"]["sweep"]["cmd"]
 
@@ -231,7 +246,7 @@ def test_the_committed_compose_table_belongs_to_its_runs_and_their_diagnostics()
         (digit,) = json.loads((ROOT / "reports/diagnostics" / f"{row.run}.json").read_text())["properties"]
         assert row.round_trip == digit["round_trip"] and row.transplant_named == digit["transplant_carries_per_block"][0]
         code = assert_run_names_the_code_it_ran(run)
-        preset = flatten(validate(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/mnist_compose.yaml"))))
+        preset = flatten(validate(yaml.safe_load(committed_runs.git("show", f"{code.commit}:presets/mnist_compose.yaml"))).to_dict())
         used = flatten(yaml.safe_load((run / "params.yaml").read_text()))
         changed = {k for k, v in used.items() if preset.get(k) != v and k != "data.mirror"}
         stated = set(re.findall(r"(?:^|, )([A-Za-z_]+(?:\.[A-Za-z_]+)*)=", row.changed))
@@ -308,7 +323,8 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
         assert r.judge_agreement_clamped_samples == pytest.approx(group["judge_agreement_clamped_samples"].mean())
         assert f"{r.accuracy_argmax_q_r:.3f}" in readme and f"{r.judge_agreement_clamped_samples:.3f}" in readme
     assert "reports/celeba/celeba_cpu/figure6.png" in readme
-    seed0 = flatten(yaml.safe_load((ROOT / "reports/celeba" / runs["run"].iloc[0] / "params.yaml").read_text()))
+    stored = lambda folder: flatten(validate(yaml.safe_load((folder / "params.yaml").read_text())).to_dict())
+    seed0 = stored(ROOT / "reports/celeba" / runs["run"].iloc[0])  # keys added since a run take their defaults
     variants = pd.read_csv(ROOT / "reports/celeba_variants.csv") if (ROOT / "reports/celeba_variants.csv").exists() \
         else pd.DataFrame(columns=["run"])
     for r in variants.itertuples():  # each variant quotes its own run and names exactly what it changed
@@ -316,7 +332,7 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
         props = json.loads((folder / "properties.json").read_text())
         assert (r.accuracy_argmax_q_r, r.judge_agreement_clamped_samples) == \
             (props[f"acc_{r.property}"], props[f"agreement_{r.property}"]), (r.run, r.property)
-        used = flatten(yaml.safe_load((folder / "params.yaml").read_text()))
+        used = stored(folder)
         changed = {k: v for k, v in used.items() if k != "seed" and v != seed0.get(k)}
         assert r.changed == " ".join(f"{k}={json.dumps(v)}" for k, v in changed.items()) and changed, r.run
         assert_run_names_the_code_it_ran(folder)
@@ -326,3 +342,18 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
     for p, prop in enumerate(("Male", "Eyeglasses", "Smiling")):  # each clamped factor finds its own attribute first
         rows = nmi[nmi["factor"] == f"factor {p} ({prop})"]
         assert len(rows) == len(set(runs["run"])) and (rows.iloc[:, 3:].astype(float).idxmax(axis=1) == prop).all()
+
+
+def test_readme_quotes_figure3_and_the_composition_runs_as_committed():
+    """The README's Figure 3 sentence quotes reports/sweep/summary.json (best K, its bound, the paired gain)
+    and its composition table the preset's two seeds as reports/mnist_compose.csv has them."""
+    import pandas as pd
+    readme = (ROOT / "README.md").read_text().replace("\n", " ")
+    for dataset, s in json.loads((ROOT / "reports/sweep/summary.json").read_text()).items():
+        assert f"best K {s['best_K']}, {s['best_elbo']:.2f}" in readme, dataset
+        assert f"{s['best_gain']:.2f}" in readme, dataset
+    table = pd.read_csv(ROOT / "reports/mnist_compose.csv").set_index("run")
+    seeds = [table.loc[f"mnist_compose_klz1_swap_adversary{s}"] for s in ("", "_seed1")]
+    quoted = lambda col, fmt: " / ".join(format(r[col], fmt) for r in seeds)
+    assert f"| {quoted('agreement', '.3f')} | {quoted('acc', '.3f')} | {quoted('elbo', '.2f')} |" in readme
+    assert f"| {quoted('free_components_2pct', 'd')} | {quoted('free_nmi', '.3f')} |" in readme

@@ -16,8 +16,8 @@ import os
 from pathlib import Path
 
 from .celeba import CELEBA_PROPERTIES, find_celeba, load_celeba, read_celeba_attributes
-from .core import DATASETS, DataError, Dataset, semi_supervised_labels
-from .fetch import FILES, OPTIONAL, RemoteFile, _install, fetch, fetch_file, refuse_html, sha256_file
+from .core import DATASETS, DataError, Dataset, refuse_html, semi_supervised_labels
+from .fetch import FILES, OPTIONAL, RemoteFile, fetch, fetch_file, install, sha256_file
 from .mnist import load_binarized_mnist, load_mnist, read_binarized_mnist_split, read_idx
 from .omniglot import OMNIGLOT_SPLITS, load_omniglot, omniglot_pngs, split_within_characters
 from .synthetic import factorial_vectors, load_synthetic, synthetic_images
@@ -26,7 +26,7 @@ __all__ = ["CELEBA_PROPERTIES", "DATASETS", "DataError", "Dataset", "FILES", "OP
            "fetch", "fetch_file", "find_celeba", "load", "load_binarized_mnist", "load_celeba", "load_mnist",
            "load_omniglot", "load_prepared", "OMNIGLOT_SPLITS", "split_within_characters", "load_synthetic", "omniglot_pngs", "read_binarized_mnist_split",
            "read_celeba_attributes", "read_idx", "refuse_html", "save_prepared", "semi_supervised_labels",
-           "sha256_file", "synthetic_images", "_install"]
+           "sha256_file", "synthetic_images", "install"]
 
 
 def load(name: str, folder: Path | None, seed: int = 0, omniglot_split: str = "characters",

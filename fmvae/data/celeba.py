@@ -18,8 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import DataError, Dataset
-from .fetch import refuse_html
+from .core import DataError, Dataset, refuse_html
 
 CELEBA_PROPERTIES = ("Male", "Eyeglasses", "Smiling")
 ZIP, FOLDER, ATTRIBUTES, PARTITION = "img_align_celeba.zip", "img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt"
@@ -72,7 +71,7 @@ def decode(data: bytes, size: int = 64) -> torch.Tensor:
     return F.resize(img, [size, size], antialias=True)
 
 
-class _Source:
+class ImageSource:
     """Read image bytes from the zip (one handle per worker thread) or from the folder."""
 
     def __init__(self, folder: Path):
@@ -101,7 +100,7 @@ class _Source:
 def decode_all(folder: Path, files: list[str], size: int = 64, workers: int | None = None,
                progress: bool = True) -> torch.Tensor:
     """(N, 3, size, size) uint8 from the zip or the folder, decoded by `workers` threads in chunks."""
-    source = _Source(folder)
+    source = ImageSource(folder)
     absent = source.missing(files)
     if absent:
         where = source.zip_path or source.folder
@@ -140,7 +139,7 @@ def load_celeba(folder: Path, size: int = 64, progress: bool = True, partial: bo
         partition = dict(ln.split() for ln in part_file.read_text().splitlines() if ln.strip())
     listed = len(files)
     if partial:
-        present = set(files) - set(_Source(folder).missing(files))
+        present = set(files) - set(ImageSource(folder).missing(files))
         keep = np.array([f in present for f in files], dtype=bool)
         if not keep.any():
             raise DataError(f"celeba: none of the {listed} images listed in {ATTRIBUTES} is present in {folder}")

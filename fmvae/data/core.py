@@ -1,7 +1,11 @@
-"""The data set container every loader returns, and the errors they raise."""
+"""The data set container every loader returns, the errors they raise, the refusal of an HTML page saved
+under a data file's name, and the small helpers every loader uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -56,3 +60,32 @@ def semi_supervised_labels(y: torch.Tensor | None, fraction: float, n_factors: i
     chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: int(round(fraction * n))]
     labels[chosen, :p] = y[chosen]
     return labels
+
+
+HTML_HINT = ("an HTML page, not the data file: download scripts save Google Drive's 'Quota exceeded' or "
+             "sign-in page under the data file's name. Download the file again (a browser, or later), "
+             "put the real file in the mirror folder, and rerun")
+
+
+def looks_like_html(head: bytes) -> bool:
+    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    return start.startswith((b"<!doctype html", b"<html", b"<head", b"<!--"))
+
+
+def refuse_html(path: Path, head: bytes | None = None) -> None:
+    """A DataError naming `path` if its first bytes are an HTML page."""
+    if head is None:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    if looks_like_html(head):
+        raise DataError(f"{Path(path).name} ({path}) is {HTML_HINT}")
+
+
+def first_present(folder: Path, *names) -> Path | None:
+    """The first of these files that exists in folder, or None."""
+    return next((folder / n for n in names if (folder / n).exists()), None)
+
+
+def images28(x: np.ndarray) -> torch.Tensor:
+    """A (N, 784) or (N, 28, 28) array as (N, 1, 28, 28) images."""
+    return torch.from_numpy(np.ascontiguousarray(x)).view(-1, 1, 28, 28)

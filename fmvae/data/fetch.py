@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import DATASETS, DataError
+from .core import DATASETS, HTML_HINT, DataError, looks_like_html
 
 
 @dataclass(frozen=True)
@@ -63,26 +63,7 @@ def sha256_file(path: Path) -> str:
             h.update(chunk)
     return h.hexdigest()
 
-HTML_HINT = ("an HTML page, not the data file: download scripts save Google Drive's 'Quota exceeded' or "
-             "sign-in page under the data file's name. Download the file again (a browser, or later), "
-             "put the real file in the mirror folder, and rerun")
-
-
-def looks_like_html(head: bytes) -> bool:
-    start = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    return start.startswith((b"<!doctype html", b"<html", b"<head", b"<!--"))
-
-
-def refuse_html(path: Path, head: bytes | None = None) -> None:
-    """A DataError naming `path` if its first bytes are an HTML page."""
-    if head is None:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    if looks_like_html(head):
-        raise DataError(f"{Path(path).name} ({path}) is {HTML_HINT}")
-
-
-def _install(src_stream, dest: Path, expected: str | None) -> None:
+def install(src_stream, dest: Path, expected: str | None) -> None:
     """Copy a stream to dest via a temporary file; reject an HTML page or a checksum mismatch."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -118,12 +99,12 @@ def fetch_file(spec: RemoteFile, dataset: str, raw_dir: Path, mirror: Path | Non
             for src in _mirror_candidates(mirror, dataset, name):
                 if src.exists():
                     with open(src, "rb") as f:
-                        _install(f, raw_dir / name, spec.sha256.get(name))
+                        install(f, raw_dir / name, spec.sha256.get(name))
                     return raw_dir / name
     if allow_download and spec.url is not None:
         try:
             with urllib.request.urlopen(spec.url, timeout=30) as response:
-                _install(response, raw_dir / spec.names[0], spec.sha256.get(spec.names[0]))
+                install(response, raw_dir / spec.names[0], spec.sha256.get(spec.names[0]))
             return raw_dir / spec.names[0]
         except DataError:
             raise

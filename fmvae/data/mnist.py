@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import DataError, Dataset
-from .fetch import refuse_html
+from .core import DataError, Dataset, first_present, images28, refuse_html
 
 
 def _check_binary(x: np.ndarray, name: str, n: int | None = None) -> np.ndarray:
@@ -50,29 +49,21 @@ def read_idx(path: Path) -> np.ndarray:
     return arr.reshape(shape)
 
 
-def _first(folder: Path, *names) -> Path | None:
-    return next((folder / n for n in names if (folder / n).exists()), None)
-
-
-def _images(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x)).view(-1, 1, 28, 28)
-
-
 def load_binarized_mnist(folder: Path) -> Dataset:
-    split = lambda s, n: read_binarized_mnist_split(_first(folder, f"binarized_mnist_{s}.amat", f"binarized_mnist_{s}.mat"), n)
-    return Dataset("binarized_mnist", _images(split("train", 50000)), _images(split("test", 10000)), "binary")
+    split = lambda s, n: read_binarized_mnist_split(first_present(folder, f"binarized_mnist_{s}.amat", f"binarized_mnist_{s}.mat"), n)
+    return Dataset("binarized_mnist", images28(split("train", 50000)), images28(split("test", 10000)), "binary")
 
 
 def load_mnist(folder: Path, seed: int = 0) -> Dataset:
     """Grey MNIST binarised once with a fixed seed; digit class as property 'digit' (K = 10)."""
     gen = torch.Generator().manual_seed(seed)
     binarise = lambda x: (torch.rand(x.shape, generator=gen) < torch.from_numpy(x.copy()).float() / 255).to(torch.uint8)
-    x_test = read_idx(_first(folder, "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte"))
-    y_test = read_idx(_first(folder, "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte")).astype(np.int64)
+    x_test = read_idx(first_present(folder, "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte"))
+    y_test = read_idx(first_present(folder, "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte")).astype(np.int64)
     if x_test.shape != (10000, 28, 28) or y_test.shape != (10000,) or y_test.max() > 9:
         raise DataError(f"mnist test set: expected (10000, 28, 28) images and 10000 labels in 0..9, got {x_test.shape}, {y_test.shape}")
-    train_x = _first(folder, "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")
-    train_y = _first(folder, "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte")
+    train_x = first_present(folder, "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte")
+    train_y = first_present(folder, "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte")
     if train_x is not None and train_y is not None:
         x_train, y_train = read_idx(train_x), read_idx(train_y).astype(np.int64)
     else:

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import DataError, Dataset
-from .fetch import refuse_html
-from .mnist import _first, _images
+from .core import DataError, Dataset, first_present, images28, refuse_html
 
 OMNIGLOT_SPLITS = ("characters", "alphabets")
 TRAIN_PER_CHARACTER = 15  # of each character's 20 drawings, as in chardata.mat
@@ -64,22 +62,22 @@ def split_within_characters(names: list[str], seed: int, n_train: int = TRAIN_PE
 def load_omniglot(folder: Path, seed: int = 0, split: str = "characters") -> Dataset:
     if split not in OMNIGLOT_SPLITS:
         raise DataError(f"data.omniglot_split: {split!r}; choose one of {', '.join(OMNIGLOT_SPLITS)}")
-    chardata = _first(folder, "chardata.mat")
+    chardata = first_present(folder, "chardata.mat")
     if chardata is not None:  # the paper's 28x28 version (split within characters): columns in Fortran order
         from scipy.io import loadmat
         mat = loadmat(chardata)
         to_x = lambda a: (a.T.reshape(-1, 28, 28).transpose(0, 2, 1).reshape(-1, 784) > 0.5).astype(np.uint8)
-        return Dataset("omniglot", _images(to_x(mat["data"])), _images(to_x(mat["testdata"])), "binary")
-    background, evaluation = _first(folder, "images_background.zip"), _first(folder, "images_evaluation.zip")
+        return Dataset("omniglot", images28(to_x(mat["data"])), images28(to_x(mat["testdata"])), "binary")
+    background, evaluation = first_present(folder, "images_background.zip"), first_present(folder, "images_evaluation.zip")
     if split == "alphabets":
         if background is None or evaluation is None:
             raise DataError(f"omniglot: data.omniglot_split 'alphabets' needs images_background.zip and "
                             f"images_evaluation.zip in {folder}")
-        return Dataset("omniglot", _images(omniglot_pngs(background)[1]), _images(omniglot_pngs(evaluation)[1]),
+        return Dataset("omniglot", images28(omniglot_pngs(background)[1]), images28(omniglot_pngs(evaluation)[1]),
                        "binary")
     # the full zips when present (the small subsets are part of images_background.zip), else the subsets
     zips = [p for p in (background, evaluation) if p] or \
-        [p for p in (_first(folder, "images_background_small1.zip"), _first(folder, "images_background_small2.zip")) if p]
+        [p for p in (first_present(folder, "images_background_small1.zip"), first_present(folder, "images_background_small2.zip")) if p]
     if not zips:
         raise DataError(f"omniglot: no chardata.mat or images_*.zip in {folder}")
     names, x = [], []
@@ -89,4 +87,4 @@ def load_omniglot(folder: Path, seed: int = 0, split: str = "characters") -> Dat
         x.append(images)
     x = np.concatenate(x)
     test = split_within_characters(names, seed)
-    return Dataset("omniglot", _images(x[~test]), _images(x[test]), "binary")
+    return Dataset("omniglot", images28(x[~test]), images28(x[test]), "binary")

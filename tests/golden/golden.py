@@ -5,7 +5,7 @@
     python tests/golden/golden.py --relock   # a neutral refactor: record dvc.yaml's new code deps in dvc.lock
 
 The paths, through the phases of fmvae.train with each phase's TrainConfig built from params by
-fmvae.config.train_config (as the pipeline builds it), on factorial vectors (fmvae.data.factorial_vectors:
+fmvae.params.train_config (as the pipeline builds it), on factorial vectors (fmvae.data.factorial_vectors:
 two factors of three clusters behind a fixed non-linear map; 3,000 training and 1,000 test points) and
 an MLP: pre-training, prior initialisation without and with the latent rotation (factorial k-means,
 labels clamped), the joint phase with 30% of the labels clamped and the gradient factors of section 2.5
@@ -35,9 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fmvae import config, evaluate  # noqa: E402
+from fmvae import evaluate  # noqa: E402
 from fmvae.checkpoint import host  # noqa: E402
-from fmvae.params import validate  # noqa: E402
+from fmvae.params import Params, train_config, validate  # noqa: E402
 from fmvae.data import factorial_vectors, semi_supervised_labels  # noqa: E402
 from fmvae.model import FMVAE  # noqa: E402
 from fmvae.step import TrainData  # noqa: E402
@@ -88,11 +88,11 @@ def run(params: dict = PARAMS) -> dict:
         torch.set_num_threads(threads)
 
 
-def _run(params: dict) -> dict:
+def _run(params: Params) -> dict:
     x, y = factorial_vectors(3000, seed=0)
     x_test, y_test = factorial_vectors(1000, seed=1)
-    data = TrainData(x, lambda t: t, semi_supervised_labels(y, params["semi"]["fraction"], 2, params["seed"]))
-    cfg = lambda p, phase: dataclasses.replace(config.train_config(p, phase), progress=False)
+    data = TrainData(x, lambda t: t, semi_supervised_labels(y, params.semi.fraction, 2, params.seed))
+    cfg = lambda p, phase: dataclasses.replace(train_config(p, phase), progress=False)
     out = {}
 
     def phase(name, train, model, p, stage, **kw):
@@ -100,14 +100,14 @@ def _run(params: dict) -> dict:
         out[name] = {"last_row": history[-1], "weights": weights(model)}
         return model
 
-    torch.manual_seed(params["seed"])
-    pretrained = phase("pretrain", pretrain, FMVAE("mlp", (x.shape[1],), params["model"]["K"], params["model"]["D"]),
+    torch.manual_seed(params.seed)
+    pretrained = phase("pretrain", pretrain, FMVAE("mlp", (x.shape[1],), params.model.K, params.model.D),
                        params, "pretrain")
-    rotated = validate(params | {"prior_init": params["prior_init"] | {"rotate": True}})
+    rotated = params.override({"prior_init.rotate": True})
     phase("prior_init_rotated", init_prior, copy.deepcopy(pretrained), rotated, "prior_init")
     model = phase("prior_init", init_prior, pretrained, params, "prior_init")
     model = phase("joint_labels", joint_train, model, params, "joint", gradient_factors=[0, 1])
-    torch.manual_seed(params["seed"])
+    torch.manual_seed(params.seed)
     res = evaluate.evaluate_bound(model, x_test, lambda t: t)
     out["evaluate"] = {k: res[k] for k in ("elbo", "recon", "kl_z", "kl_r")} | {
         f"acc_factor{i}": evaluate.supervised_accuracy(res["assignments"][:, i], y_test[:, i]) for i in range(2)}
