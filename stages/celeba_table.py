@@ -4,6 +4,7 @@
     python stages/preset.py celeba_cpu -n celeba_cpu_seed1 -S seed=1
     python stages/celeba_table.py celeba_cpu celeba_cpu_seed1
     python stages/celeba_table.py celeba_cpu celeba_cpu_seed1 --variant NAME ...   # and runs that changed params
+    python stages/celeba_table.py celeba_cpu --only-variants --variant NAME ...    # add or redo variants alone
 
 For each experiment (its own commit and dvc.lock) this loads the trained model and the prepared
 data from DVC's cache and writes
@@ -34,12 +35,13 @@ from pathlib import Path
 import matplotlib
 import pandas as pd
 import torch
+import yaml
 from _common import REPORTS, ROOT
 
 from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, runs
 from fmvae.checkpoint import atomic_write_bytes, atomic_write_text
 from fmvae.experiments import full_rev, load_run, run_params, show
-from fmvae.params import Params, flatten
+from fmvae.params import Params, flatten, validate
 from fmvae.report import PAPER_CELEBA, train_judge, write_table
 
 matplotlib.use("Agg")
@@ -54,10 +56,20 @@ def differences(params: Params, reference: Params) -> dict:
     return {k: v for k, v in used.items() if k != "seed" and v != base.get(k)}
 
 
-def check_roles(experiments: list[str], variants: list[str]) -> dict[str, dict]:
+def committed_params(name: str) -> Params:
+    """A tabled run's params as its committed folder holds them (reports/celeba/<name>/params.yaml)."""
+    path = REPORTS / "celeba" / name / "params.yaml"
+    if not path.exists():
+        raise SystemExit(f"error: {path.relative_to(ROOT)} not found: {name!r} is not in the committed table")
+    return validate(yaml.safe_load(path.read_text()))
+
+
+def check_roles(experiments: list[str], variants: list[str], committed: bool = False) -> dict[str, dict]:
     """Seeds of one configuration are averaged; anything else must come as a --variant. Returns what
-    each experiment changed from the first one (empty for the seeds)."""
-    params = {name: run_params(full_rev(name)) for name in experiments + variants}
+    each experiment changed from the first one (empty for the seeds). committed: the experiments'
+    params are read from their committed folders (the table is kept; their models need not exist here)."""
+    params = {name: committed_params(name) if committed else run_params(full_rev(name)) for name in experiments}
+    params |= {name: run_params(full_rev(name)) for name in variants}
     changes = {name: differences(p, params[experiments[0]]) for name, p in params.items()}
     for name, changed in changes.items():
         if params[name].data.name != "celeba":
@@ -170,8 +182,23 @@ if __name__ == "__main__":
     parser.add_argument("experiments", nargs="+", help="names of finished celeba `dvc exp run -n NAME` experiments")
     parser.add_argument("--variant", nargs="+", default=[],
                         help="experiments that changed more than the seed: reports/celeba_variants.{md,csv}, outside the mean")
+    parser.add_argument("--only-variants", action="store_true",
+                        help="compute the --variant runs alone: the main table, the factor table and the other "
+                             "variants' rows stay as committed (each variant's changes are against the first "
+                             "experiment's committed params)")
     args = parser.parse_args()
-    changes = check_roles(args.experiments, args.variant)  # before anything is computed or written
+    changes = check_roles(args.experiments, args.variant, args.only_variants)  # before anything is computed or written
+    if args.only_variants:
+        if not args.variant:
+            raise SystemExit("error: --only-variants needs --variant NAME ...")
+        rows = [row for name in args.variant for row in run_report(name, changes[name])[0]]
+        kept = REPORTS / "celeba_variants.csv"
+        kept = pd.read_csv(kept) if kept.exists() else pd.DataFrame(columns=["run"])
+        kept = kept[~kept["run"].isin(args.variant)].drop(columns=["code"], errors="ignore")
+        variants = pd.concat([kept, pd.DataFrame(rows)], ignore_index=True)
+        write_table(runs.with_code_column(runs.CELEBA_VARIANTS, variants), REPORTS / "celeba_variants")
+        print(variants.to_string(index=False))
+        raise SystemExit(0)
     reports = [run_report(name) for name in args.experiments]
     variants = [run_report(name, changes[name]) for name in args.variant]
     # each row's code (HEAD or the commit it ran at); the mean refused if the seeds' differ

@@ -237,3 +237,16 @@ def test_a_tiny_celeba_cpu_experiment_and_its_table(mirror, tmp_path):
     third = run(["python", "stages/celeba_table.py", "celeba_cpu"], root, env_extra=env, timeout=600)
     assert "read back" not in third.stdout and json.loads(swap_file.read_text()) == swap
     assert pd.read_csv(root / "reports/celeba_table.csv")["judge_sees_factor_swap"].between(0, 1).all()
+    # a variant added alone (its seeds' models need not exist): the main table stays byte for byte, the
+    # variant's rows name what it changed, and its files join the table's folders
+    main = (root / "reports/celeba_table.csv").read_bytes()
+    run(["python", "stages/preset.py", "celeba_cpu", "-n", "celeba_swap", *extra, "-S", "semi.swap_weight=1.0"], root,
+        env_extra=env, timeout=900)
+    res = run(["python", "stages/celeba_table.py", "celeba_cpu", "--only-variants", "--variant", "celeba_swap"], root,
+              env_extra=env, timeout=600)
+    assert (root / "reports/celeba_table.csv").read_bytes() == main
+    variants = pd.read_csv(root / "reports/celeba_variants.csv")
+    assert variants["run"].tolist() == ["celeba_swap"] * 3 and (variants["changed"] == "semi.swap_weight=1.0").all()
+    props = json.loads((root / "reports/celeba/celeba_swap/properties.json").read_text())
+    assert variants["judge_agreement_clamped_samples"].tolist() == [props[f"agreement_{p}"] for p in variants["property"]]
+    assert (root / "reports/celeba/celeba_swap/figure6.png").stat().st_size > 0
