@@ -262,6 +262,12 @@ def unflatten(flat: dict) -> dict:
     return out
 
 
+def as_written(raw: dict) -> dict:
+    """A stored params.yaml flat, its values as written (an int stays an int), with the keys it lacks (added
+    since it was written) at their defaults: what two runs' params are compared on."""
+    return {k: s.default for k, s in SCHEMA.items()} | flatten(raw or {})
+
+
 def _build(cls, values: dict):
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -41,7 +41,7 @@ from _common import REPORTS, ROOT
 from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, runs
 from fmvae.checkpoint import atomic_write_bytes, atomic_write_text
 from fmvae.experiments import full_rev, load_run, run_params, show
-from fmvae.params import Params, flatten, validate
+from fmvae.params import Params, as_written, validate
 from fmvae.report import PAPER_CELEBA, train_judge, write_table
 
 matplotlib.use("Agg")
@@ -50,30 +50,31 @@ COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation
           "reports/figures/clusters.png", "reports/figures/training_curves.png"]
 
 
-def differences(params: Params, reference: Params) -> dict:
-    """The run's params that differ from the reference run's, the seed aside."""
-    used, base = flatten(params.to_dict()), flatten(reference.to_dict())
+def differences(stored: dict, reference: dict) -> dict:
+    """The run's params (its params.yaml as written) that differ from the reference run's, the seed aside."""
+    used, base = as_written(stored), as_written(reference)
     return {k: v for k, v in used.items() if k != "seed" and v != base.get(k)}
 
 
-def committed_params(name: str) -> Params:
-    """A tabled run's params as its committed folder holds them (reports/celeba/<name>/params.yaml)."""
+def committed_params(name: str) -> dict:
+    """A tabled run's params.yaml as its committed folder holds it (reports/celeba/<name>/params.yaml)."""
     path = REPORTS / "celeba" / name / "params.yaml"
     if not path.exists():
         raise SystemExit(f"error: {path.relative_to(ROOT)} not found: {name!r} is not in the committed table")
-    return validate(yaml.safe_load(path.read_text()))
+    return yaml.safe_load(path.read_text())
 
 
 def check_roles(experiments: list[str], variants: list[str], committed: bool = False) -> dict[str, dict]:
     """Seeds of one configuration are averaged; anything else must come as a --variant. Returns what
     each experiment changed from the first one (empty for the seeds). committed: the experiments'
     params are read from their committed folders (the table is kept; their models need not exist here)."""
-    params = {name: committed_params(name) if committed else run_params(full_rev(name)) for name in experiments}
-    params |= {name: run_params(full_rev(name)) for name in variants}
-    changes = {name: differences(p, params[experiments[0]]) for name, p in params.items()}
+    stored = lambda name: yaml.safe_load(show(full_rev(name), "params.yaml"))
+    written = {name: committed_params(name) if committed else stored(name) for name in experiments}
+    written |= {name: stored(name) for name in variants}
+    changes = {name: differences(p, written[experiments[0]]) for name, p in written.items()}
     for name, changed in changes.items():
-        if params[name].data.name != "celeba":
-            raise SystemExit(f"error: experiment {name!r} trained on {params[name].data.name!r}, not celeba")
+        if validate(written[name]).data.name != "celeba":
+            raise SystemExit(f"error: experiment {name!r} trained on {validate(written[name]).data.name!r}, not celeba")
         if bool(changed) != (name in variants):
             raise SystemExit(f"error: experiment {name!r} changed {changed or 'only the seed'} from "
                              f"{experiments[0]!r}; pass it {'with' if changed else 'without'} --variant")
