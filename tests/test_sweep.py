@@ -176,8 +176,9 @@ def test_asking_for_gpus_on_a_cluster_without_any_is_a_clear_error(tmp_path):
 
 def test_the_first_trials_need_different_pre_trainings():
     """K varies slowest, so the trials that start together pre-train different (data set, seed) pairs."""
+    from fmvae.params import validate
     from fmvae.sweep import trial_grid
-    grid = trial_grid({"sweep": {"data": ["a", "b"], "seeds": [0, 1], "K": [2, 4], "I": [1]}})
+    grid = trial_grid(validate({"sweep": {"data": ["mnist", "omniglot"], "seeds": [0, 1], "K": [2, 4], "I": [1]}}))
     assert len(grid) == 8 and len({tuple(sorted(t.items())) for t in grid}) == 8
     assert [t["K"] for t in grid[:4]] == [2] * 4
     assert len({(t["dataset"], t["seed"]) for t in grid[:4]}) == 4
@@ -290,7 +291,8 @@ def test_a_logger_callback_needs_its_package_and_is_refused_before_any_work(monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(ParamError, match="the mlflow package is not installed"):
         logger_callbacks(["mlflow"])
-    params = yaml.safe_load(yaml.safe_dump(tiny_params(sweep=SWEEP)))
+    from fmvae.params import validate
+    params = validate(yaml.safe_load(yaml.safe_dump(tiny_params(sweep=SWEEP))))
     with pytest.raises(ParamError, match="mlflow"):
         run_sweep(params, str(tmp_path / "storage"), callbacks=["mlflow"])
     assert not (tmp_path / "storage").exists()  # nothing prepared, no Ray started
