@@ -12,6 +12,7 @@ import yaml
 
 from fmvae import celeba_report as cr, data
 from fmvae.data.core import Dataset
+from fmvae.params import validate
 from fmvae.distributions import normal_gamma as ng
 from fmvae.model import FMVAE
 from helpers import ROOT, copy_project, run, tiny_params
@@ -147,7 +148,7 @@ def test_the_table_trains_the_run_s_judge_again_on_the_run_s_thread_count(tmp_pa
     monkeypatch.setattr(celeba_table.cr, "factor_swap",
                         lambda model, judge, ds: [{"property": p, "judged_by": judge} for p in ds.property_names])
     ds = types.SimpleNamespace(property_names=["Male", "Eyeglasses", "Smiling"])
-    params = {"properties": {"judge_iters": 7}, "seed": 3}
+    params = validate({"properties": {"judge_iters": 7}, "seed": 3})
     props = {"judge_acc_Male": 0.931, "judge_acc_Eyeglasses": 0.965, "judge_acc_Smiling": 0.885}
     caller = torch.get_num_threads()
     torch.set_num_threads(2)

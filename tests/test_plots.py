@@ -29,7 +29,7 @@ def figures(monkeypatch):
         saved.append(fig)
         return path
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots, "save_figure", keep)
     return saved
 
 
