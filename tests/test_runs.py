@@ -92,8 +92,10 @@ def test_a_table_never_averages_seeds_of_different_code(monkeypatch):
                                                 + ", ".join(sorted([own, "abc1234"]))):
         runs.with_code_column(runs.CELEBA_TABLE, read(runs.CELEBA_TABLE))
     variants = read(runs.CELEBA_VARIANTS).iloc[:3].assign(run="celeba_cpu_seed1")
-    assert set(runs.with_code_column(runs.CELEBA_VARIANTS, pd.concat([read(runs.CELEBA_VARIANTS), variants]))["code"]) \
-        == {own, "abc1234"}
+    mixed = runs.with_code_column(runs.CELEBA_VARIANTS, pd.concat([read(runs.CELEBA_VARIANTS), variants]))
+    assert set(mixed[mixed["run"] == "celeba_cpu_seed1"]["code"]) == {"abc1234"}
+    assert set(mixed[mixed["run"] != "celeba_cpu_seed1"]["code"]) == \
+        {real(ROOT / "reports/celeba" / name).label for name in read(runs.CELEBA_VARIANTS)["run"]}
 
 
 def run_in(clone: Path, *cmd: str) -> subprocess.CompletedProcess:

@@ -357,3 +357,15 @@ def test_readme_quotes_figure3_and_the_composition_runs_as_committed():
     quoted = lambda col, fmt: " / ".join(format(r[col], fmt) for r in seeds)
     assert f"| {quoted('agreement', '.3f')} | {quoted('acc', '.3f')} | {quoted('elbo', '.2f')} |" in readme
     assert f"| {quoted('free_components_2pct', 'd')} | {quoted('free_nmi', '.3f')} |" in readme
+
+
+def test_readme_quotes_the_celeba_lever_runs_as_their_variant_rows():
+    """The README's CelebA table quotes, per property, the two lever runs' accuracy and agreement as
+    reports/celeba_variants.csv has them (which the test above ties to each run's own files)."""
+    import pandas as pd
+    readme = (ROOT / "README.md").read_text()
+    rows = pd.read_csv(ROOT / "reports/celeba_variants.csv").set_index(["run", "property"])
+    for prop in ("Male", "Eyeglasses", "Smiling"):
+        runs = [rows.loc[(name, prop)] for name in ("celeba_levers", "celeba_levers_seed1")]
+        for col in ("accuracy_argmax_q_r", "judge_agreement_clamped_samples"):
+            assert "; " + " / ".join(f"{r[col]:.3f}" for r in runs) + " (" in readme, (prop, col)
