@@ -22,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from .data import DATASETS, OMNIGLOT_SPLITS, Dataset
+from fmvae.data import DATASETS, OMNIGLOT_SPLITS, Dataset
 
-ORDERS = ("reuse", "paper", "fused")  # the joint step's orders (fmvae.train.joint_step)
+ORDERS = ("reuse", "paper", "fused")  # the joint step's orders (fmvae.core.phases.joint_step)
 
 
 class ParamError(ValueError):
@@ -128,10 +128,10 @@ class Semi:
                                  "after it Delta = 0 and the labelled factors return to SVI (section 2.5); 1: throughout")
     average_factors: bool = setting(False, None, "true or false (the labelled factors' gradient-trained prior "
                                     "parameters averaged like the networks' weights, train.ema_decay)")
-    swap_weight: float = setting(0.0, _nonneg, ">= 0: weight of the swap-consistency term (fmvae.levers, a departure "
+    swap_weight: float = setting(0.0, _nonneg, ">= 0: weight of the swap-consistency term (fmvae.core.levers, a departure "
                                  "from the paper); 0: off")
     adversary_weight: float = setting(0.0, _nonneg, ">= 0: weight of the encoder's term that makes the adversary's "
-                                      "predictions of a named property from the other blocks uniform (fmvae.levers, a "
+                                      "predictions of a named property from the other blocks uniform (fmvae.core.levers, a "
                                       "departure from the paper); 0: off")
 
 

@@ -12,7 +12,7 @@ data from DVC's cache and writes
                                    must equal the run's own properties.json), balanced accuracy, the
                                    majority baseline, the judge's agreement with clamped samples and
                                    its own test accuracy, beside the paper's; what the decoder does with
-                                   each labelled factor (fmvae.celeba_report.factor_swap, with the run's
+                                   each labelled factor (fmvae.reporting.celeba.factor_swap, with the run's
                                    judge trained again): the judge on reconstructions of the test images,
                                    and how often it sees the property change when only that factor's z
                                    moves to its other component; then mean and max - min over the runs
@@ -38,11 +38,16 @@ import torch
 import yaml
 from _common import REPORTS, ROOT
 
-from fmvae import celeba_report as cr, config, data as data_mod, evaluate as ev, runs
-from fmvae.checkpoint import atomic_write_bytes, atomic_write_text
-from fmvae.experiments import full_rev, load_run, run_params, show
+from fmvae import data as data_mod
+from fmvae import provenance
+from fmvae.reporting import celeba as cr
+from fmvae.core import evaluate as ev
+from fmvae.reporting import runs
+from fmvae.io import atomic_write_bytes, atomic_write_text
+from fmvae.reporting.experiments import full_rev, load_run, run_params, show
 from fmvae.params import Params, as_written, validate
-from fmvae.report import PAPER_CELEBA, train_judge, write_table
+from fmvae.reporting.judge import PAPER_CELEBA, train_judge
+from fmvae.reporting.tables import write_table
 
 matplotlib.use("Agg")
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json",
@@ -124,15 +129,15 @@ def run_report(name: str, changed: dict | None = None) -> tuple[list[dict], pd.D
 
 
 def factor_swap(name: str, rev: str, params: Params, props: dict, model, ds, path: Path) -> list[dict]:
-    """fmvae.celeba_report.factor_swap with the run's judge trained again (same images, seed, steps
+    """fmvae.reporting.celeba.factor_swap with the run's judge trained again (same images, seed, steps
     and thread count). Its minutes of CPU (nine on one thread of the 2-core host) are spent once per
     run and code: `path` keeps the rows under a key of the run's commit (its params, model and
     thread count) and of the source that loads the model, trains the judge and moves the factors; a
     later call with the same key reads them back."""
     # the training sources (loading the model) and the modules that train the judge and move the factors
-    computing = {ROOT / "fmvae" / m for m in ("celeba_report.py", "report.py", "plots.py", "experiments.py")}
-    sources = sorted(set(config.training_sources()) | computing)
-    key = config.fingerprint(rev, {str(f.relative_to(ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()
+    computing = {ROOT / "fmvae" / "reporting" / m for m in ("celeba.py", "judge.py", "plots.py", "experiments.py")}
+    sources = sorted(set(provenance.training_sources()) | computing)
+    key = provenance.fingerprint(rev, {str(f.relative_to(ROOT)): hashlib.sha256(f.read_bytes()).hexdigest()
                                    for f in sources + [Path(__file__).resolve()]})
     kept = json.loads(path.read_text()) if path.exists() else None
     if isinstance(kept, dict) and kept.get("key") == key:

@@ -17,11 +17,11 @@ import json
 import yaml
 from _common import REPORTS
 
-from fmvae import runs
-from fmvae.checkpoint import atomic_write_bytes
-from fmvae.experiments import full_rev, run_params, show
+from fmvae.reporting import runs
+from fmvae.io import atomic_write_bytes
+from fmvae.reporting.experiments import full_rev, run_params, show
 from fmvae.params import flatten, validate
-from fmvae.report import write_table
+from fmvae.reporting.tables import write_table
 
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties.json", "reports/provenance.json",
           "reports/figures/samples_grid.png", "reports/figures/clusters.png", "reports/figures/training_curves.png"]

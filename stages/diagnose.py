@@ -1,4 +1,4 @@
-"""Where each named property lives in trained runs (fmvae/diagnostics.py) -> reports/diagnostics/<name>.{json,md}.
+"""Where each named property lives in trained runs (fmvae/reporting/diagnostics.py) -> reports/diagnostics/<name>.{json,md}.
 
     python stages/preset.py mnist_compose          # any named experiment with labelled factors
     python stages/diagnose.py mnist_compose [NAME ...]
@@ -25,10 +25,13 @@ from _common import REPORTS, ROOT
 
 matplotlib.use("Agg")  # files only: the script, not the library, chooses the backend
 
-from fmvae import diagnostics as dg, evaluate as ev, plots  # noqa: E402
-from fmvae.checkpoint import atomic_write_json, atomic_write_text, git_commit, host  # noqa: E402
-from fmvae.experiments import full_rev, load_run, run_params, show  # noqa: E402
-from fmvae.report import predict, train_judge  # noqa: E402
+from fmvae.reporting import diagnostics as dg  # noqa: E402
+from fmvae.core import evaluate as ev
+from fmvae.reporting import plots
+from fmvae.io import atomic_write_json, atomic_write_text  # noqa: E402
+from fmvae.provenance import git_commit, host
+from fmvae.reporting.experiments import full_rev, load_run, run_params, show  # noqa: E402
+from fmvae.reporting.judge import predict, train_judge  # noqa: E402
 
 POINTS = 2000  # test images each measure uses (the first ones of a seeded permutation)
 

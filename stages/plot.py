@@ -1,13 +1,13 @@
 """Stage plot: sample grid, cluster statistics and training curves -> reports/figures/. The figures are
-drawn by fmvae.plots, which no training stage imports: a new figure retrains nothing."""
+drawn by fmvae.reporting.plots, which no training stage imports: a new figure retrains nothing."""
 import matplotlib
 import torch
 from _common import CURVES, DATA, MODELS, REPORTS, main
 
 matplotlib.use("Agg")  # files only: the script, not the library, chooses the backend
 
-from fmvae.pipeline import load_trained  # noqa: E402
-from fmvae.plots import model_figures  # noqa: E402
+from fmvae.core.pipeline import load_trained  # noqa: E402
+from fmvae.reporting.plots import model_figures  # noqa: E402
 
 
 def plot(params):

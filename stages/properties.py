@@ -1,10 +1,10 @@
 """Stage properties: per labelled property, accuracy of argmax q(r_i|x) and an automatic judge's
 agreement with clamped samples -> reports/<dataset>_table.md (the paper's CelebA tables). The table is
-computed by fmvae.report, which no training stage imports: a change to it retrains nothing."""
+computed by fmvae.reporting.judge, which no training stage imports: a change to it retrains nothing."""
 from _common import DATA, MODELS, REPORTS, main
 
-from fmvae.pipeline import load_trained
-from fmvae.report import property_reports
+from fmvae.core.pipeline import load_trained
+from fmvae.reporting.judge import property_reports
 
 
 def properties(params):

@@ -10,9 +10,9 @@ from _common import REPORTS, main
 matplotlib.use("Agg")  # files only: the script, not the library, chooses the backend
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fmvae.plots import save_figure  # noqa: E402
-from fmvae.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
-from fmvae.report import figure3, pretraining_wide, sweep_summary  # noqa: E402
+from fmvae.reporting.plots import save_figure  # noqa: E402
+from fmvae.io import atomic_write_json, atomic_write_text  # noqa: E402
+from fmvae.reporting.figure3 import figure3, pretraining_wide, sweep_summary  # noqa: E402
 
 
 def pretraining_figure(summary: pd.DataFrame, curves: pd.DataFrame, path):

@@ -17,7 +17,7 @@ changed params besides the seed: listed with what it changed, left out of the st
 provenance and dvc.lock are copied to reports/default_runs/<name>/, the workspace's run is read
 from reports/ (the files `dvc repro` committed), so the table and what produced it are committed
 together (tests/test_trust.py checks that they agree, and that every lock records the sources of the
-commit its run names); its `code` column says which runs ran on HEAD's training code (fmvae/runs.py).
+commit its run names); its `code` column says which runs ran on HEAD's training code (fmvae/reporting/runs.py).
 """
 import argparse
 import json
@@ -28,11 +28,11 @@ import pandas as pd
 import yaml
 from _common import REPORTS, ROOT
 
-from fmvae import runs as committed_runs
-from fmvae.checkpoint import atomic_write_bytes
-from fmvae.experiments import full_rev, show
+from fmvae.reporting import runs as committed_runs
+from fmvae.io import atomic_write_bytes
+from fmvae.reporting.experiments import full_rev, show
 from fmvae.params import flatten
-from fmvae.report import write_table
+from fmvae.reporting.tables import write_table
 
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json"]
 WORKSPACE = "dvc repro (workspace)"

@@ -18,11 +18,12 @@ import dvc.api
 import torch
 from _common import REPORTS, ROOT
 
-from fmvae import runs
-from fmvae.experiments import full_rev, run_params, show
-from fmvae.checkpoint import atomic_write_bytes
+from fmvae.reporting import runs
+from fmvae.reporting.experiments import full_rev, run_params, show
+from fmvae.io import atomic_write_bytes
 from fmvae.data import semi_supervised_labels
-from fmvae.report import semi_supervised_table, write_table
+from fmvae.reporting.judge import semi_supervised_table
+from fmvae.reporting.tables import write_table
 
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties.json", "reports/provenance.json", "reports/mnist_table.md",
           "reports/figures/samples_grid.png", "reports/figures/clusters.png", "reports/figures/training_curves.png"]

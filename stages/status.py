@@ -7,7 +7,7 @@
                                        # ancestor whose sources match its dvc.lock (provenance.json)
 
 A table's `code` is "HEAD" where the run's training sources equal HEAD's, else the short commit it ran
-at (fmvae/runs.py). A training commit refreshes the column with --write (seconds); the runs stay
+at (fmvae/reporting/runs.py). A training commit refreshes the column with --write (seconds); the runs stay
 valid results of their commit, and this list says which a rerun would bring to HEAD.
 """
 import argparse
@@ -20,10 +20,10 @@ import pandas as pd
 import yaml
 from _common import ROOT
 
-from fmvae import runs
-from fmvae.checkpoint import atomic_write_json
+from fmvae.reporting import runs
+from fmvae.io import atomic_write_json
 from fmvae.params import flatten, validate
-from fmvae.report import write_table
+from fmvae.reporting.tables import write_table
 
 PRESETS = {"mnist": "mnist_semi", "celeba": "celeba_cpu", "compose": "mnist_compose"}
 TABLE_SCRIPTS = {"default": "stages/seeds_table.py", "mnist": "stages/semi_table.py",

@@ -18,8 +18,8 @@ import os
 
 from _common import CHECKPOINTS, REPORTS, main
 
-from fmvae.checkpoint import atomic_write_text
-from fmvae.sweep import pretraining_report, run_sweep
+from fmvae.io import atomic_write_text
+from fmvae.sweep.driver import pretraining_report, run_sweep
 
 
 def sweep(params, args):

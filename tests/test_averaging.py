@@ -3,16 +3,16 @@ of the last iterates, not from wherever the last optimiser step happened to land
 import pytest
 import torch
 
-from fmvae.checkpoint import CheckpointDir, load_checked
+from fmvae.io import CheckpointDir, load_checked
 from fmvae.data.prepared import load_data, prepare_data
 from fmvae.params import validate
-from fmvae.pipeline import evaluate_stage, load_model, train_stage
+from fmvae.core.pipeline import evaluate_stage, load_model, train_stage
 from fmvae.data import factorial_vectors
-from fmvae.evaluate import evaluate_bound
-from fmvae.model import FMVAE
-from fmvae.step import TrainData, WeightAverage
+from fmvae.core.evaluate import evaluate_bound
+from fmvae.core.model import FMVAE
+from fmvae.core.loop import TrainData, WeightAverage
 from fmvae.params import TrainConfig
-from fmvae.train import init_prior, joint_train, pretrain
+from fmvae.core.phases import init_prior, joint_train, pretrain
 from helpers import tiny_params
 
 

@@ -3,9 +3,9 @@ import math
 
 import torch
 
-from fmvae.distributions import normal_gamma as ng
-from fmvae.model import FMVAE
-from fmvae.prior import FactorialMixturePrior
+from fmvae.core.distributions import normal_gamma as ng
+from fmvae.core.model import FMVAE
+from fmvae.core.prior import FactorialMixturePrior
 
 
 def gmm_prior(means, precisions, weights, conc=1e9):
@@ -128,9 +128,9 @@ def test_network_sizes_are_the_paper_s_and_celeba_s_width_setting():
     28.1M at the paper's widths 128-256-512-1024 (the issue's flop-counter figure), 4.7M at
     model.channels [32, 64, 128, 256]; a saved model of other widths is refused naming the key."""
     import pytest
-    from fmvae import config
+    from fmvae.core import build
     from fmvae.params import ParamError, validate
-    from fmvae.nets import count_parameters
+    from fmvae.core.nets import count_parameters
     size = lambda m: count_parameters(m.encoder) + count_parameters(m.decoder)
     assert size(FMVAE("conv28", (1, 28, 28), 16, 64)) == 567745
     assert size(FMVAE("conv64", (3, 64, 64), [2, 2, 2, 64, 64], 64)) == 28145158
@@ -139,7 +139,7 @@ def test_network_sizes_are_the_paper_s_and_celeba_s_width_setting():
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     assert narrow.bound(x).elbo.shape == (2,) and narrow.decode_mean(torch.zeros(2, 320)).shape == (2, 3, 64, 64)
     with pytest.raises(ParamError, match="model.channels"):
-        config.check_model_config(config.model_config(narrow), FMVAE("conv64", (3, 64, 64), [2, 2, 2, 64, 64], 64),
+        build.check_model_config(build.model_config(narrow), FMVAE("conv64", (3, 64, 64), [2, 2, 2, 64, 64], 64),
                                   "joint.pt")
     with pytest.raises(ParamError, match="model.channels"):
         validate({"model": {"channels": [8, 16]}})  # binarised MNIST's conv28 takes no widths

@@ -1,4 +1,4 @@
-"""CelebA's section 4.2 artifacts (fmvae/celeba_report.py): scores, NMI, the 40-attribute alignment,
+"""CelebA's section 4.2 artifacts (fmvae/reporting/celeba.py): scores, NMI, the 40-attribute alignment,
 Figure 6's columns, and a tiny `celeba_cpu` run through `dvc exp run` and stages/celeba_table.py."""
 import json
 import types
@@ -10,11 +10,12 @@ import pytest
 import torch
 import yaml
 
-from fmvae import celeba_report as cr, data
+from fmvae import data
+from fmvae.reporting import celeba as cr
 from fmvae.data.core import Dataset
 from fmvae.params import validate
-from fmvae.distributions import normal_gamma as ng
-from fmvae.model import FMVAE
+from fmvae.core.distributions import normal_gamma as ng
+from fmvae.core.model import FMVAE
 from helpers import ROOT, copy_project, run, tiny_params
 
 matplotlib.use("Agg")
@@ -167,7 +168,7 @@ def test_the_table_trains_the_run_s_judge_again_on_the_run_s_thread_count(tmp_pa
 
 def small_celeba(mirror, dest, n_train=150, n_test=50):
     """A complete CelebA folder of the mirror's first real training and test images."""
-    from fmvae import gpu_check
+    from fmvae.tools.gpu_check import celeba as gpu_check
     gpu_check.make_celeba_subset(mirror / "celeba", dest, n_train, n_test)
     return dest
 

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from fmvae.clustering import factorial_kmeans, random_rotation
-from fmvae.evaluate import matched_accuracy
-from fmvae.model import FMVAE
+from fmvae.core.clustering import factorial_kmeans, random_rotation
+from fmvae.core.evaluate import matched_accuracy
+from fmvae.core.model import FMVAE
 
 NOISE = 0.1
 
@@ -104,7 +104,7 @@ def test_rotate_latent_refuses_a_matrix_that_is_not_orthogonal():
 def test_init_prior_folds_an_orthogonal_rotation_into_the_networks(rotate):
     from fmvae.data import factorial_vectors
     from fmvae.params import TrainConfig
-    from fmvae.train import TrainData, init_prior
+    from fmvae.core.phases import TrainData, init_prior
     x, _ = factorial_vectors(500, seed=0)
     torch.manual_seed(0)
     model = FMVAE("mlp", (20,), K=[3, 3], D=2)

@@ -1,10 +1,10 @@
-"""fmvae.diagnostics on cases whose answer is known: a property held in block 0 only, a decoder stub that
+"""fmvae.reporting.diagnostics on cases whose answer is known: a property held in block 0 only, a decoder stub that
 reads one block, a judge that reads one coordinate, a prior fitted to known clusters."""
 import pytest
 import torch
 
-from fmvae import diagnostics as dg
-from fmvae.prior import FactorialMixturePrior
+from fmvae.reporting import diagnostics as dg
+from fmvae.core.prior import FactorialMixturePrior
 
 N = 2000
 

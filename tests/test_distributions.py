@@ -6,8 +6,8 @@ import torch
 from scipy import stats
 from torch.distributions import Dirichlet, Gamma, Normal
 
-from fmvae.distributions import dirichlet, normal_gamma as ng
-from fmvae.prior import expected_log_normal, kl_normal_gamma, ng_batch_optimum, student_t_params
+from fmvae.core.distributions import dirichlet, normal_gamma as ng
+from fmvae.core.prior import expected_log_normal, kl_normal_gamma, ng_batch_optimum, student_t_params
 
 N_MC = 400_000
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from fmvae.data import factorial_vectors, semi_supervised_labels
-from fmvae.evaluate import matched_accuracy, supervised_accuracy, evaluate_bound
-from fmvae.model import FMVAE
-from fmvae.step import TrainData
+from fmvae.core.evaluate import matched_accuracy, supervised_accuracy, evaluate_bound
+from fmvae.core.model import FMVAE
+from fmvae.core.loop import TrainData
 from fmvae.params import TrainConfig
-from fmvae.train import init_prior, joint_train, pretrain
+from fmvae.core.phases import init_prior, joint_train, pretrain
 
 COMMON = dict(batch_size=128, lr=3e-3, log_every=100, progress=False, tau0=1.0, kappa=0.7, kl_anneal_iters=0)
 identity = lambda t: t
@@ -29,7 +29,7 @@ def train(seed, x, labels=None, delta=0.0, pre=800, joint=1500, kl_z_weight=10.0
 @pytest.mark.parametrize("seed", range(8))
 def test_unsupervised_training_recovers_each_factor(seed):
     """Every seed of the first eight. Before the latent rotation of prior initialisation
-    (fmvae.clustering.factorial_kmeans) only seeds 0 and 7 did; over seeds 0..23 now 23 reach
+    (fmvae.core.clustering.factorial_kmeans) only seeds 0 and 7 did; over seeds 0..23 now 23 reach
     >= 0.99. In the exception (seed 20) the pre-trained encodings themselves favour a wrong
     factorisation: the true labels have a higher factorial k-means objective than the one found.
     (No wall-clock bound: hosts of this kind differ up to 5x, and more under load.)"""

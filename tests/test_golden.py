@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-import fmvae.step
-import fmvae.train
+import fmvae.core.loop
+import fmvae.core.phases
 from helpers import ROOT, ReorderedLinear
 
 spec = importlib.util.spec_from_file_location("golden", ROOT / "tests/golden/golden.py")
@@ -39,11 +39,11 @@ def test_the_tolerance_passes_another_summation_order_but_not_a_changed_constant
     assert not golden.compare(reordered, RECORDED, bitwise=False), golden.compare(reordered, RECORDED, bitwise=False)
 
     def update(self):
-        d = min(self.decay, (1 + self.updates) / (11 + self.updates))  # the constant: 10 in fmvae.step
+        d = min(self.decay, (1 + self.updates) / (11 + self.updates))  # the constant: 10 in fmvae.core.loop
         torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - d)
         self.updates += 1
 
-    monkeypatch.setattr(fmvae.step.WeightAverage, "update", torch.no_grad()(update))
+    monkeypatch.setattr(fmvae.core.loop.WeightAverage, "update", torch.no_grad()(update))
     assert golden.compare(golden.run(), RECORDED, bitwise=False)
 
 
@@ -54,7 +54,7 @@ def test_the_tolerance_fails_one_more_adam_step():
 
 
 def kl_z_weight(step, cfg):
-    """fmvae.train.kl_z_weight, word for word, as if moved to another module."""
+    """fmvae.core.phases.kl_z_weight, word for word, as if moved to another module."""
     if not cfg.kl_z_anneal_iters:
         return cfg.kl_z_weight
     if isinstance(step, torch.Tensor):
@@ -63,7 +63,7 @@ def kl_z_weight(step, cfg):
 
 
 def test_a_pure_move_of_a_function_passes(monkeypatch):
-    monkeypatch.setattr(fmvae.train, "kl_z_weight", kl_z_weight)
+    monkeypatch.setattr(fmvae.core.phases, "kl_z_weight", kl_z_weight)
     how, failures = golden.check()
     assert not failures, (how, failures)
 

@@ -7,15 +7,15 @@ import math
 import pytest
 import torch
 
-from fmvae import config
+from fmvae import provenance
 from fmvae.data import factorial_vectors, semi_supervised_labels
-from fmvae.checkpoint import CheckpointDir
-from fmvae.levers import Adversary, read_back, swap_consistency
-from fmvae.model import FMVAE
+from fmvae.io import CheckpointDir
+from fmvae.core.levers import Adversary, read_back, swap_consistency
+from fmvae.core.model import FMVAE
 from fmvae.params import ParamError, train_config, validate
-from fmvae.step import TrainData
+from fmvae.core.loop import TrainData
 from fmvae.params import TrainConfig
-from fmvae.train import init_prior, joint_train, pretrain
+from fmvae.core.phases import init_prior, joint_train, pretrain
 
 X, Y = factorial_vectors(3000, seed=0)
 DATA = TrainData(X, lambda t: t, semi_supervised_labels(Y, 0.3, 2, 0))
@@ -113,11 +113,11 @@ def test_the_levers_are_refused_where_they_cannot_apply(initialised):
 
 
 def test_the_levers_key_the_joint_phase_s_checkpoints():
-    """A checkpoint's fingerprint holds the phase's TrainConfig (fmvae.pipeline.prepare_phase): each lever
+    """A checkpoint's fingerprint holds the phase's TrainConfig (fmvae.core.pipeline.prepare_phase): each lever
     set gives another one, so a run never resumes a checkpoint of the other setting. (Sweep trials key on
     the whole `semi` section, fmvae.sweep.TRIAL_SECTIONS.)"""
     base = {"semi": {"delta": 10.0, "fraction": 0.1}, "model": {"I": 2}}
-    fingerprints = {config.fingerprint(train_config(validate(base | {"semi": base["semi"] | extra}), "joint").__dict__)
+    fingerprints = {provenance.fingerprint(train_config(validate(base | {"semi": base["semi"] | extra}), "joint").__dict__)
                     for extra in ({}, {"delta_until": 0.5}, {"average_factors": True}, {"swap_weight": 1.0},
                                   {"adversary_weight": 1.0})}
     assert len(fingerprints) == 5

@@ -3,16 +3,17 @@ stops alone on a non-finite term, and resumes from its own checkpoints."""
 import pytest
 import torch
 
-from fmvae.checkpoint import CheckpointDir
+from fmvae.io import CheckpointDir
 from fmvae.data import factorial_vectors
-from fmvae.evaluate import evaluate_bound
-from fmvae.model import FMVAE
-import fmvae.pack as pack_module
+from fmvae.core.evaluate import evaluate_bound
+from fmvae.core.model import FMVAE
+from fmvae.pack import memory as pack_memory
 from helpers import ReorderedLinear
-from fmvae.pack import PackedModel, train_pack
-from fmvae.step import NumericalError, TrainData
+from fmvae.pack.model import PackedModel
+from fmvae.pack.train import train_pack
+from fmvae.core.loop import NumericalError, TrainData
 from fmvae.params import TrainConfig
-from fmvae.train import joint_train, pretrain
+from fmvae.core.phases import joint_train, pretrain
 
 X, _ = factorial_vectors(3000, seed=0)
 X_TEST, _ = factorial_vectors(1000, seed=1)
@@ -223,9 +224,9 @@ def test_the_largest_pack_that_fits_is_the_affine_extrapolation_of_two_measured_
     base, per_member = 3 * 2**30, 180 * 2**20
     one, two = base + per_member, base + 2 * per_member
     for free in (4 * 2**30, 40 * 2**30, 139 * 2**30):
-        n = pack_module.largest_pack(one, two, free)
-        assert base + n * per_member <= pack_module.MEMORY_MARGIN * free < base + (n + 1) * per_member
-    assert pack_module.largest_pack(one, two, 2**30) == 0  # not even one member
+        n = pack_memory.largest_pack(one, two, free)
+        assert base + n * per_member <= pack_memory.MEMORY_MARGIN * free < base + (n + 1) * per_member
+    assert pack_memory.largest_pack(one, two, 2**30) == 0  # not even one member
 
 
 def test_a_pack_too_large_for_the_device_is_refused_before_it_trains(tmp_path, monkeypatch):
@@ -233,10 +234,10 @@ def test_a_pack_too_large_for_the_device_is_refused_before_it_trains(tmp_path, m
     measurement is real) allow (0.8 x 4 - 0.5) / 0.5 = 5 members: a pack of 6 is refused naming 5,
     before any member's checkpoint is written; a pack of 5 trains."""
     measured = []
-    monkeypatch.setattr(pack_module, "_measured",
+    monkeypatch.setattr(pack_memory, "_measured",
                         lambda phase, models, datas, cfg: measured.append(len(models)) or (2**30, 1.5 * 2**30, 4 * 2**30))
     ks, seeds = [2, 3, 4, 5, 6, 7], list(range(6))
-    with pytest.raises(pack_module.PackTooLarge, match=r"pack of 6 .*the largest pack that fits is 5 \(set sweep.pack\)"):
+    with pytest.raises(pack_memory.PackTooLarge, match=r"pack of 6 .*the largest pack that fits is 5 \(set sweep.pack\)"):
         train_pack("joint", member_models(ks, seeds), DATA, [config(s, iters=20) for s in seeds],
                    [tmp_path / f"m{s}" for s in seeds], ["fp"] * 6)
     assert measured == [6] and not any((tmp_path / f"m{s}").exists() for s in seeds)
@@ -252,5 +253,5 @@ def test_the_memory_probe_steps_a_copy_and_leaves_the_members_alone(phase):
     unchanged to the bit."""
     model = member_models([16], [0])[0]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert pack_module._peak_step_bytes(phase, model, DATA, config(0), 2) == 0
+    assert pack_memory._peak_step_bytes(phase, model, DATA, config(0), 2) == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

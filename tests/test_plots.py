@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fmvae import plots
+from fmvae.reporting import plots
 from fmvae.data import load_synthetic
-from fmvae.model import FMVAE
+from fmvae.core.model import FMVAE
 
 
 @pytest.fixture(scope="module")

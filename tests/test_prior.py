@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from fmvae.distributions import normal_gamma as ng
-from fmvae.prior import FactorialMixturePrior, Hyperprior, ng_batch_optimum, robbins_monro
+from fmvae.core.distributions import normal_gamma as ng
+from fmvae.core.prior import FactorialMixturePrior, Hyperprior, ng_batch_optimum, robbins_monro
 
 
 def concentrated_prior(means, precisions, weights, conc=1e8):

@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from fmvae.checkpoint import CheckpointDir, CorruptCheckpoint, UnsafeCheckpoint, load_checked, save_checked
+from fmvae.io import CheckpointDir, CorruptCheckpoint, UnsafeCheckpoint, load_checked, save_checked
 from fmvae.data import factorial_vectors
-from fmvae.model import FMVAE
-from fmvae.step import NumericalError, TrainData
+from fmvae.core.model import FMVAE
+from fmvae.core.loop import NumericalError, TrainData
 from fmvae.params import TrainConfig
-from fmvae.train import joint_train
+from fmvae.core.phases import joint_train
 from helpers import copy_project, env_with_venv, run, tiny_params
 
 OUTS = ["models/joint.pt", "reports/metrics.json"]

@@ -4,10 +4,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fmvae import report
+from fmvae.reporting import figure3
+from fmvae.reporting import judge
 from fmvae.data import load_synthetic
-from fmvae.evaluate import matched_accuracy
-from fmvae.model import FMVAE
+from fmvae.core.evaluate import matched_accuracy
+from fmvae.core.model import FMVAE
 
 
 BUDGET = {"pretrain_iters": 2000, "prior_init_iters": 300, "joint_iters": 1500, "batch_size": 64}
@@ -27,7 +28,7 @@ def results_table():
 
 
 def test_aggregate_means_stds_and_counts_over_seeds_of_finished_trials():
-    agg = report.aggregate(results_table())
+    agg = figure3.aggregate(results_table())
     mnist = agg[agg["dataset"] == "binarized_mnist"].set_index("K")
     assert mnist.loc[2, "elbo_mean"] == pytest.approx(-101.0)
     assert mnist.loc[2, "elbo_std"] == pytest.approx(np.std([-100, -102, -101]))
@@ -38,7 +39,7 @@ def test_aggregate_means_stds_and_counts_over_seeds_of_finished_trials():
 
 
 def test_aggregate_band_is_the_min_max_over_seeds():
-    mnist = report.aggregate(results_table()).set_index(["dataset", "K"]).loc["binarized_mnist"]
+    mnist = figure3.aggregate(results_table()).set_index(["dataset", "K"]).loc["binarized_mnist"]
     assert (mnist.loc[2, "elbo_min"], mnist.loc[2, "elbo_max"]) == (-102.0, -100.0)
 
 
@@ -47,13 +48,13 @@ def test_paired_change_removes_each_seeds_offset():
     nats wide, the paired one 0, and the paired mean is the K effect."""
     rows = [{"dataset": "d", "I": 1, "K": K, "seed": seed, "elbo": -100.0 - 5 * seed + (K == 8), "recon": 0.0,
              "kl_z": 0.0, "kl_r": 0.0, "status": "done"} for K in (8, 2) for seed in (0, 1)]
-    agg = report.aggregate(pd.DataFrame(rows)).set_index("K")
+    agg = figure3.aggregate(pd.DataFrame(rows)).set_index("K")
     assert agg.loc[8, "elbo_band"] == pytest.approx(5.0) and agg.loc[8, "elbo_change_band"] == pytest.approx(0.0)
     assert agg.loc[8, "elbo_change_mean"] == pytest.approx(1.0) and agg.loc[2, "elbo_change_mean"] == 0.0
 
 
 def test_budget_line_names_every_phase_and_the_data_sizes():
-    line = report.budget(results_table()[lambda d: d["dataset"] == "binarized_mnist"])
+    line = figure3.budget(results_table()[lambda d: d["dataset"] == "binarized_mnist"])
     assert line == ("pre-train 2,000 + prior init 300 + joint 1,500 iterations, batch 64; "
                     "50,000 training, 10,000 test images")
 
@@ -68,8 +69,8 @@ def test_figure3_writes_per_dataset_files_and_one_figure_with_both(tmp_path, mon
         figures.append(fig)
         path.write_bytes(b"png")
         return path
-    monkeypatch.setattr(report, "_save_png", keep)
-    written = report.figure3(results_table(), tmp_path)
+    monkeypatch.setattr(figure3, "_save_png", keep)
+    written = figure3.figure3(results_table(), tmp_path)
     names = sorted(p.name for p in written)
     assert names == sorted([f"figure3_{d}.{e}" for d in ("binarized_mnist", "omniglot") for e in ("png", "csv", "md")]
                            + ["figure3.png"])
@@ -78,7 +79,7 @@ def test_figure3_writes_per_dataset_files_and_one_figure_with_both(tmp_path, mon
     both = figures[-1]  # figure3.png: one row per data set, four terms and the paired ELBO each
     axes = both.get_axes()
     assert len(axes) == 10
-    assert [a.get_title() for a in axes[:5]] == [f"binarized_mnist: {t.format(k=2)}" for t in report.TERM_TITLES.values()]
+    assert [a.get_title() for a in axes[:5]] == [f"binarized_mnist: {t.format(k=2)}" for t in figure3.TERM_TITLES.values()]
     assert axes[5].get_title().startswith("omniglot")
     paired = axes[4].get_lines()[0]  # seeds 0, 1 change by +5 from K = 2 to 8 (seed 2 failed at K = 8)
     assert list(paired.get_xdata()) == [2, 8] and list(paired.get_ydata()) == [0.0, 5.0]
@@ -96,15 +97,15 @@ def test_figure3_writes_per_dataset_files_and_one_figure_with_both(tmp_path, mon
 
 
 def test_property_table_columns_and_paper_reference():
-    t = report.property_table(["Male", "Eyeglasses"], [0.9, 0.8], [0.7, 0.6], [0.95, 0.99], "celeba")
+    t = judge.property_table(["Male", "Eyeglasses"], [0.9, 0.8], [0.7, 0.6], [0.95, 0.99], "celeba")
     assert list(t["paper_accuracy"]) == [0.97, 0.99] and list(t["paper_human_judgement"]) == [0.94, 0.85]
-    t = report.property_table(["shape"], [0.9], [0.7], [0.95], "synthetic")
+    t = judge.property_table(["shape"], [0.9], [0.7], [0.95], "synthetic")
     assert t["paper_accuracy"].isna().all()
 
 
 def test_judge_learns_the_synthetic_properties():
     ds = load_synthetic(n_train=2000, n_test=500, seed=0)
-    _, acc = report.train_judge(ds, iters=300, seed=0)
+    _, acc = judge.train_judge(ds, iters=300, seed=0)
     assert min(acc) > 0.9
 
 
@@ -131,15 +132,15 @@ def test_judge_agreement_is_split_by_clamped_value():
     overall the share of samples clamped to 0 (about a third)."""
     ds = load_synthetic(n_train=50, n_test=20, seed=0)
     model = FMVAE("mlp", ds.x_shape, K=[3, 3], D=2)
-    agreement, per_value = report.judge_samples(model, AlwaysZero(ds.property_K), ds, n=600, seed=0)
+    agreement, per_value = judge.judge_samples(model, AlwaysZero(ds.property_K), ds, n=600, seed=0)
     assert per_value == [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]
     assert all(0.25 < a < 0.42 for a in agreement)
-    table = report.property_table(ds.property_names, [0.9, 0.8], agreement, [1.0, 1.0], ds.name, per_value)
+    table = judge.property_table(ds.property_names, [0.9, 0.8], agreement, [1.0, 1.0], ds.name, per_value)
     assert list(table["agreement_per_value"]) == ["0:1.00 1:0.00 2:0.00"] * 2
 
 
 def test_semi_supervised_table_sets_ours_beside_kingma_et_al():
-    t = report.semi_supervised_table([{"name": "10% labels", "labels": 800, "unlabelled": 7200, "acc": 0.95,
+    t = judge.semi_supervised_table([{"name": "10% labels", "labels": 800, "unlabelled": 7200, "acc": 0.95,
                                        "agreement": 0.9, "judge_acc": 0.93, "elbo": -100.0}])
     assert list(t["model"]) == ["fmvae (10% labels)", "Kingma et al. 2014, M2", "Kingma et al. 2014, M1+M2"]
     assert list(t["accuracy_argmax_q_r"]) == [0.95, 0.880, 0.967]
@@ -149,7 +150,7 @@ def test_semi_supervised_table_sets_ours_beside_kingma_et_al():
 def test_sweep_summary_names_the_best_k_its_paired_gain_and_the_trial_counts():
     """binarized_mnist: K = 8 has the best mean (-96 over the two finished seeds), its paired gain over
     each seed's K = 2 trial is +5 for both seeds; one trial failed."""
-    summary = report.sweep_summary(results_table())
+    summary = figure3.sweep_summary(results_table())
     mnist = summary["binarized_mnist"]
     assert (mnist["best_K"], mnist["best_elbo"], mnist["seeds"]) == (8, -96.0, 2)
     assert (mnist["best_gain"], mnist["best_gain_min"], mnist["best_gain_max"]) == (5.0, 5.0, 5.0)
@@ -160,7 +161,7 @@ def test_sweep_summary_names_the_best_k_its_paired_gain_and_the_trial_counts():
 def test_pretraining_curves_widen_to_one_column_per_seed():
     long = pd.DataFrame({"dataset": "d", "I": 1, "seed": [0, 0, 1, 1], "step": [100, 200, 100, 200],
                          "elbo": [-3.0, -2.0, -5.0, -4.0], "kl": [1.0, 2.0, 3.0, 4.0]})
-    wide = report.pretraining_wide(long)["d"]
+    wide = figure3.pretraining_wide(long)["d"]
     assert list(wide.columns) == ["step", "elbo_seed0", "elbo_seed1", "kl_seed0", "kl_seed1"]
     assert wide["elbo_seed1"].tolist() == [-5.0, -4.0] and wide["kl_seed0"].tolist() == [1.0, 2.0]
 

@@ -1,4 +1,4 @@
-"""Committed runs keep the commit that made them (fmvae/runs.py, stages/status.py): a training change
+"""Committed runs keep the commit that made them (fmvae/reporting/runs.py, stages/status.py): a training change
 leaves them valid results of their commit, visible as such in every table, never averaged with runs
 of other code, and a run whose lock matches no commit it could have run at is refused."""
 import json
@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fmvae import runs
+from fmvae.reporting import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUS = [sys.executable, "stages/status.py"]
@@ -53,11 +53,11 @@ def test_a_run_whose_lock_matches_neither_its_commit_nor_head_is_refused(tmp_pat
     lock = yaml.safe_load((folder / "dvc.lock").read_text())
     for stage in lock["stages"].values():
         for dep in stage.get("deps", []):
-            if dep["path"] == "fmvae/prior.py":
+            if dep["path"] == "fmvae/core/prior.py":
                 dep["md5"] = "0" * 32  # the run says it ran on another prior.py than its commit's (or HEAD's)
     (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
     with pytest.raises(runs.RunCodeError, match=f"matches neither the sources at its commit {code.commit[:7]} "
-                                                r"nor HEAD's: fmvae/prior.py"):
+                                                r"nor HEAD's: fmvae/core/prior.py"):
         runs.run_code(folder)
 
 
@@ -104,19 +104,19 @@ def run_in(clone: Path, *cmd: str) -> subprocess.CompletedProcess:
 
 
 def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
-    """A scratch commit in a clone edits a comment in fmvae/prior.py (a training source). There the
+    """A scratch commit in a clone edits a comment in fmvae/core/prior.py (a training source). There the
     default pipeline's lock test fails (dvc.lock must be HEAD's), every other committed run still
     passes its own test, the code columns are stale until `stages/status.py --write` rewrites them
     with each run's commit, and `stages/status.py` names every run with the commands that rerun it."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    prior = clone / "fmvae/prior.py"
+    prior = clone / "fmvae/core/prior.py"
     prior.write_text(prior.read_text().replace("(sections 2.1-2.6).", "(sections 2.1 to 2.6).", 1))
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "scratch: a comment"],
                    cwd=clone, check=True)
     pytest_in_clone = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "-q", "--no-header"]
     lock = run_in(clone, *pytest_in_clone, "tests/test_trust.py::test_the_committed_lock_records_the_code_at_hand")
-    assert lock.returncode == 1 and "fmvae/prior.py changed since it ran" in lock.stdout, lock.stdout[-2000:]
+    assert lock.returncode == 1 and "fmvae/core changed since it ran" in lock.stdout, lock.stdout[-2000:]
     own = run_in(clone, *pytest_in_clone, "tests/test_trust.py", "-k",
                  "mnist_table or celeba_table or default_runs_table")
     assert own.returncode == 0 and "3 passed" in own.stdout, own.stdout[-3000:]

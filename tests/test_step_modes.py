@@ -8,14 +8,15 @@ import pytest
 import torch
 from scipy import stats
 
-from fmvae import gpu_check, report
+from fmvae.tools.gpu_check import cli as gpu_check
+from fmvae.reporting import figure3
 from fmvae.data import factorial_vectors, semi_supervised_labels
-from fmvae.model import FMVAE
-from fmvae.prior import FactorialMixturePrior
-from fmvae.distributions import normal_gamma as ng
-from fmvae.step import TrainData, make_optimizer
+from fmvae.core.model import FMVAE
+from fmvae.core.prior import FactorialMixturePrior
+from fmvae.core.distributions import normal_gamma as ng
+from fmvae.core.loop import TrainData, make_optimizer
 from fmvae.params import TrainConfig
-from fmvae.train import init_prior, joint_step, joint_train, pretrain
+from fmvae.core.phases import init_prior, joint_step, joint_train, pretrain
 
 identity = lambda t: t
 
@@ -185,7 +186,7 @@ def test_gpu_check_figure3_trains_each_data_set_s_k_grid_as_one_pack_on_cpu(mirr
     gpu_check.main(["--figure3", "--tiny", "--data", str(mirror / "binarized_mnist"), "--figure3-K", "2", "4",
                     "--out", str(out)])
     rows = pd.read_csv(out / "results.csv")
-    assert list(rows.columns) == report.RESULT_COLUMNS
+    assert list(rows.columns) == figure3.RESULT_COLUMNS
     assert list(rows["K"]) == [2, 4] and (rows["status"] == "done").all() and (rows["joint_iters"] == 20).all()
     assert ((rows["elbo"] - (rows["recon"] - rows["kl_z"] - rows["kl_r"])).abs() < 1e-3).all()
     assert list(rows["components_used"].astype(str)) == ["2", "4"]  # each member: every component used

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from fmvae import report
+from fmvae.reporting import figure3
 from helpers import copy_project, run, tiny_params
 
 SWEEP = {"data": ["synthetic"], "K": [2, 3, 4], "seeds": [0], "I": [1], "cpus_per_trial": 1, "gpus_per_trial": 0,
@@ -23,7 +23,7 @@ def swept(tmp_path_factory):
 def test_sweep_writes_one_row_per_trial_and_records_the_failed_one(swept):
     root, log = swept
     df = pd.read_csv(root / "reports/sweep/results.csv")
-    assert list(df.columns) == report.RESULT_COLUMNS
+    assert list(df.columns) == figure3.RESULT_COLUMNS
     assert sorted(df["K"]) == [2, 3, 4] and set(df["dataset"]) == {"synthetic"}
     done, failed = df[df["status"] == "done"], df[df["status"] == "failed"]
     assert sorted(done["K"]) == [2, 3] and list(failed["K"]) == [4]
@@ -63,7 +63,8 @@ def test_the_shared_pre_training_is_reported_with_its_curve_and_its_model_s_test
     """reports/sweep/pretraining.csv: the one pre-training every K shares, its averaged model's test
     bound under N(0, I) recomputed here from the published model; pretraining_curves.csv its curve."""
     import torch
-    from fmvae import pipeline, sweep
+    from fmvae.sweep import keys as sweep
+    from fmvae.core import pipeline
     from fmvae.params import load_params
     root, _ = swept
     (row,) = pd.read_csv(root / "reports/sweep/pretraining.csv").itertuples()
@@ -177,7 +178,7 @@ def test_asking_for_gpus_on_a_cluster_without_any_is_a_clear_error(tmp_path):
 def test_the_first_trials_need_different_pre_trainings():
     """K varies slowest, so the trials that start together pre-train different (data set, seed) pairs."""
     from fmvae.params import validate
-    from fmvae.sweep import trial_grid
+    from fmvae.sweep.keys import trial_grid
     grid = trial_grid(validate({"sweep": {"data": ["mnist", "omniglot"], "seeds": [0, 1], "K": [2, 4], "I": [1]}}))
     assert len(grid) == 8 and len({tuple(sorted(t.items())) for t in grid}) == 8
     assert [t["K"] for t in grid[:4]] == [2] * 4
@@ -185,9 +186,9 @@ def test_the_first_trials_need_different_pre_trainings():
 
 
 def test_a_packed_trial_is_keyed_on_the_pack_s_code_and_size_and_a_trial_alone_is_not(monkeypatch):
-    """Packed members train through fmvae/pack.py: a change there retrains them (and a trial alone,
+    """Packed members train through fmvae/pack: a change there retrains them (and a trial alone,
     which never runs it, is kept); the pack size is in a packed member's key too."""
-    from fmvae import sweep
+    from fmvae.sweep import keys as sweep
     from fmvae.params import validate
     fp = lambda pack: sweep.trial_fingerprint(sweep.trial_params(validate({"sweep": {"pack": pack}}), "synthetic",
                                                                  2, 1, 0))
@@ -201,7 +202,7 @@ def test_the_prepared_data_and_the_trials_are_keyed_on_the_data_params(tmp_path)
     """A sweep over Omniglot with the alphabet split neither reuses the data file prepared for the
     character split nor the trials trained on it; a trial's data are prepared with its own seed."""
     from fmvae.params import validate
-    from fmvae.sweep import data_key, trial_fingerprint, trial_params
+    from fmvae.sweep.keys import data_key, trial_fingerprint, trial_params
     base = validate({})
     other = validate({"data": {"omniglot_split": "alphabets"}})
     assert data_key(base, "omniglot") == data_key(validate({}), "omniglot")
@@ -219,8 +220,8 @@ def test_the_storage_publishes_atomically_and_the_node_cache_never_serves_stale_
     under the same key with other bytes, the node's copy is replaced; bytes that do not match the
     sidecar are refused and never land under the cache's name."""
     import hashlib
-    from fmvae.checkpoint import CorruptCheckpoint
-    from fmvae.sweep import Storage
+    from fmvae.io import CorruptCheckpoint
+    from fmvae.sweep.storage import Storage
     monkeypatch.setenv("FMVAE_CACHE", str(tmp_path / "cache"))
 
     def file_with_sidecar(path, data):
@@ -286,7 +287,7 @@ def test_a_logger_callback_needs_its_package_and_is_refused_before_any_work(monk
     import importlib.util
 
     from fmvae.params import ParamError
-    from fmvae.sweep import logger_callbacks, run_sweep
+    from fmvae.sweep.driver import logger_callbacks, run_sweep
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(ParamError, match="the mlflow package is not installed"):

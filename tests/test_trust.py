@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmvae import config, runs as committed_runs
+from fmvae import provenance
+from fmvae.reporting import runs as committed_runs
 from fmvae.data.prepared import prepare_data
 from fmvae.params import (PHASE_SECTIONS, SCHEMA, SHARED_SECTIONS, ParamError, TrainConfig, as_written, flatten, load_params,
                           train_config, unflatten, validate)
@@ -48,7 +49,7 @@ def test_every_fmvae_module_a_stage_imports_is_a_declared_dep(dvc_file, name, st
 
 
 def test_the_code_digest_covers_every_module_a_training_stage_runs():
-    """config.training_sources (what keys checkpoints and sweep trials) is exactly the fmvae modules
+    """provenance.training_sources (what keys checkpoints and sweep trials) is exactly the fmvae modules
     that stages/joint_train.py and stages/evaluate.py import: a change to any of them re-keys every
     result, and a change to a figure or table module (plots, report) alone re-keys none."""
     used = set()
@@ -58,9 +59,9 @@ def test_the_code_digest_covers_every_module_a_training_stage_runs():
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout
         # the package's own files: a checkout in a folder named fmvae must not count stages/ as the package
         used |= {p for p in map(Path.resolve, map(Path, json.loads(out))) if p.is_relative_to(ROOT / "fmvae")}
-    digested = set(config.training_sources())
+    digested = set(provenance.training_sources())
     assert digested == used, (sorted(map(str, digested - used)), sorted(map(str, used - digested)))
-    assert not {"plots.py", "report.py", "sweep.py"} & {p.name for p in digested}
+    assert not {"reporting", "sweep", "pack", "tools"} & {p.relative_to(ROOT / "fmvae").parts[0] for p in digested}
 
 
 def _phase_keys() -> dict[str, str]:
@@ -126,10 +127,12 @@ def test_presets_override_schema_keys_only(preset):
 
 
 def assert_lock_records_the_code_at_hand(lock_file: Path) -> int:
-    """Every code file a stage of `lock_file` depends on has the md5 the lock records (folders are
-    checked by DVC itself); returns how many were checked."""
+    """Every code file a stage of `lock_file` depends on has the md5 the lock records, and every code
+    folder (fmvae/core, fmvae/data) the hash DVC computes for it now; returns how many files were covered."""
     import hashlib
+    from dvc.repo import Repo
     checked = 0
+    folders = set()
     for name, stage in yaml.safe_load(lock_file.read_text())["stages"].items():
         for dep in stage.get("deps", []):
             path = ROOT / dep["path"]
@@ -137,11 +140,21 @@ def assert_lock_records_the_code_at_hand(lock_file: Path) -> int:
                 assert hashlib.md5(path.read_bytes()).hexdigest() == dep["md5"], \
                     f"{lock_file}: {name}: {dep['path']} changed since it ran"
                 checked += 1
+            elif path.is_dir() and dep["path"].startswith(("fmvae/", "stages/")):
+                folders.add((name, dep["path"]))
+                checked += len(list(path.rglob("*.py")))
+    repo = Repo(str(lock_file.parent))
+    with repo.lock:
+        for stage in repo.index.stages:
+            if Path(stage.path).parent == lock_file.parent and Path(stage.path).name == "dvc.yaml":
+                for dep in stage.deps:
+                    if (stage.name, dep.def_path) in folders:
+                        assert not dep.changed(), f"{lock_file}: {stage.name}: {dep.def_path} changed since it ran"
     return checked
 
 
 def assert_run_names_the_code_it_ran(folder: Path) -> "committed_runs.RunCode":
-    """A committed run names an ancestor of HEAD whose sources its dvc.lock records (fmvae.runs)."""
+    """A committed run names an ancestor of HEAD whose sources its dvc.lock records (fmvae.reporting.runs)."""
     code = committed_runs.run_code(folder)
     assert len(committed_runs.code_deps(yaml.safe_load((folder / "dvc.lock").read_text()))) >= 10
     return code
@@ -188,7 +201,7 @@ def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch, c
     """A finished stage rerun with the same code resumes from its own last checkpoint (nothing
     trained again); after a code change it trains from step 0 in a new folder, as `dvc repro`
     expects of a stage whose code changed."""
-    from fmvae import pipeline
+    from fmvae.core import pipeline
     from helpers import TINY
     params = validate(TINY)
     data = tmp_path / "data.pt"
@@ -199,7 +212,7 @@ def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch, c
     capfd.readouterr()
     assert pipeline.train_stage("pretrain", params, data, None, tmp_path / "b.pt", ckpt) == history
     assert "pretrain: resuming from step 30" in capfd.readouterr().out
-    monkeypatch.setattr(config, "code_digest", lambda: "the source after an edit")
+    monkeypatch.setattr(provenance, "code_digest", lambda: "the source after an edit")
     pipeline.train_stage("pretrain", params, data, None, tmp_path / "c.pt", ckpt)
     assert "resuming" not in capfd.readouterr().out
     (second,) = ckpt.iterdir()

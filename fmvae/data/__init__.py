@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .celeba import CELEBA_PROPERTIES, find_celeba, load_celeba, read_celeba_attributes
-from .core import DATASETS, DataError, Dataset, refuse_html, semi_supervised_labels
-from .fetch import FILES, OPTIONAL, RemoteFile, fetch, fetch_file, install, sha256_file
-from .mnist import load_binarized_mnist, load_mnist, read_binarized_mnist_split, read_idx
-from .omniglot import OMNIGLOT_SPLITS, load_omniglot, omniglot_pngs, split_within_characters
-from .synthetic import factorial_vectors, load_synthetic, synthetic_images
+from fmvae.data.celeba import CELEBA_PROPERTIES, find_celeba, load_celeba, read_celeba_attributes
+from fmvae.data.core import DATASETS, DataError, Dataset, refuse_html, semi_supervised_labels
+from fmvae.data.download import FILES, OPTIONAL, RemoteFile, fetch, fetch_file, install, sha256_file
+from fmvae.data.mnist import load_binarized_mnist, load_mnist, read_binarized_mnist_split, read_idx
+from fmvae.data.omniglot import OMNIGLOT_SPLITS, load_omniglot, omniglot_pngs, split_within_characters
+from fmvae.data.synthetic import factorial_vectors, load_synthetic, synthetic_images
 
 __all__ = ["CELEBA_PROPERTIES", "DATASETS", "DataError", "Dataset", "FILES", "OPTIONAL", "RemoteFile", "factorial_vectors",
            "fetch", "fetch_file", "find_celeba", "load", "load_binarized_mnist", "load_celeba", "load_mnist",
@@ -47,10 +47,10 @@ def load(name: str, folder: Path | None, seed: int = 0, omniglot_split: str = "c
 
 
 def save_prepared(ds: Dataset, path: str | os.PathLike) -> None:
-    from ..checkpoint import save_checked
+    from fmvae.io import save_checked
     save_checked(ds.state(), path)
 
 
 def load_prepared(path: str | os.PathLike) -> Dataset:
-    from ..checkpoint import load_checked
+    from fmvae.io import load_checked
     return Dataset(**load_checked(path))

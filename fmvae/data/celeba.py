@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .core import DataError, Dataset, refuse_html
+from fmvae.data.core import DataError, Dataset, refuse_html
 
 CELEBA_PROPERTIES = ("Male", "Eyeglasses", "Smiling")
 ZIP, FOLDER, ATTRIBUTES, PARTITION = "img_align_celeba.zip", "img_align_celeba", "list_attr_celeba.txt", "list_eval_partition.txt"

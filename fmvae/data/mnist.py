@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .core import DataError, Dataset, first_present, images28, refuse_html
+from fmvae.data.core import DataError, Dataset, first_present, images28, refuse_html
 
 
 def _check_binary(x: np.ndarray, name: str, n: int | None = None) -> np.ndarray:

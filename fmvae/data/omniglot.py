@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import DataError, Dataset, first_present, images28, refuse_html
+from fmvae.data.core import DataError, Dataset, first_present, images28, refuse_html
 
 OMNIGLOT_SPLITS = ("characters", "alphabets")
 TRAIN_PER_CHARACTER = 15  # of each character's 20 drawings, as in chardata.mat

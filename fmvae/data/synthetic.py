@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .core import Dataset
+from fmvae.data.core import Dataset
 
 
 # Synthetic compositional images: factor 0 = shape (square, plus, ring), factor 1 =

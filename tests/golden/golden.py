@@ -4,7 +4,7 @@
     python tests/golden/golden.py --record   # write golden.json anew (a commit that moves numbers on purpose)
     python tests/golden/golden.py --relock   # a neutral refactor: record dvc.yaml's new code deps in dvc.lock
 
-The paths, through the phases of fmvae.train with each phase's TrainConfig built from params by
+The paths, through the phases of fmvae.core.phases with each phase's TrainConfig built from params by
 fmvae.params.train_config (as the pipeline builds it), on factorial vectors (fmvae.data.factorial_vectors:
 two factors of three clusters behind a fixed non-linear map; 3,000 training and 1,000 test points) and
 an MLP: pre-training, prior initialisation without and with the latent rotation (factorial k-means,
@@ -35,13 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from fmvae import evaluate  # noqa: E402
-from fmvae.checkpoint import host  # noqa: E402
+from fmvae.core import evaluate  # noqa: E402
+from fmvae.provenance import host  # noqa: E402
 from fmvae.params import Params, train_config, validate  # noqa: E402
 from fmvae.data import factorial_vectors, semi_supervised_labels  # noqa: E402
-from fmvae.model import FMVAE  # noqa: E402
-from fmvae.step import TrainData  # noqa: E402
-from fmvae.train import init_prior, joint_train, pretrain  # noqa: E402
+from fmvae.core.model import FMVAE  # noqa: E402
+from fmvae.core.loop import TrainData  # noqa: E402
+from fmvae.core.phases import init_prior, joint_train, pretrain  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden.json")
 # Off the recorded host: each number within REL of its scale (a path's terms: its bound, or KL[z] + KL[r] for
