@@ -5,6 +5,7 @@
     python stages/celeba_table.py celeba_cpu celeba_cpu_seed1
     python stages/celeba_table.py celeba_cpu celeba_cpu_seed1 --variant NAME ...   # and runs that changed params
     python stages/celeba_table.py celeba_cpu --only-variants --variant NAME ...    # add or redo variants alone
+    python stages/celeba_table.py A B --variant C D --committed C D              # regroup: C and D as committed
 
 For each experiment (its own commit and dvc.lock) this loads the trained model and the prepared
 data from DVC's cache and writes
@@ -24,6 +25,9 @@ data from DVC's cache and writes
                                    and the run's params, metrics, properties, figures and dvc.lock;
                                    factor_swap.json, keyed on the run and the code: a later call reads
                                    it back instead of training the judge again
+--committed NAME ... takes those runs' rows (and NMI) from the committed tables and their params from
+their committed folders, so that runs whose models are not in this machine's DVC cache can be regrouped
+(a preset that adopts what a variant changed makes that variant's seeds its rows, its former rows variants).
 """
 import argparse
 import hashlib
@@ -69,13 +73,28 @@ def committed_params(name: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def check_roles(experiments: list[str], variants: list[str], committed: bool = False) -> dict[str, dict]:
+def committed_rows(name: str) -> tuple[list[dict], pd.DataFrame]:
+    """A run's rows and NMI as the committed tables hold them (its `changed` and `code` are worked out
+    again where it is tabled); its model need not be in this machine's DVC cache."""
+    tables = [pd.read_csv(path) for path in (REPORTS / "celeba_table.csv", REPORTS / "celeba_variants.csv")
+              if path.exists()]
+    rows = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=["run"])
+    rows = rows[rows["run"] == name].drop(columns=["code", "changed"], errors="ignore")
+    if rows.empty:
+        raise SystemExit(f"error: {name!r} has no rows in the committed reports/celeba_table.csv or celeba_variants.csv")
+    rows = rows.astype({c: int for c in ("seed", "train_images", "test_images")})
+    nmi = pd.read_csv(REPORTS / "celeba_factors.csv") if (REPORTS / "celeba_factors.csv").exists() else None
+    nmi = nmi[nmi["run"] == name] if nmi is not None else pd.DataFrame()
+    return rows.to_dict("records"), nmi
+
+
+def check_roles(experiments: list[str], variants: list[str], committed=()) -> dict[str, dict]:
     """Seeds of one configuration are averaged; anything else must come as a --variant. Returns what
-    each experiment changed from the first one (empty for the seeds). committed: the experiments'
-    params are read from their committed folders (the table is kept; their models need not exist here)."""
-    stored = lambda name: yaml.safe_load(show(full_rev(name), "params.yaml"))
-    written = {name: committed_params(name) if committed else stored(name) for name in experiments}
-    written |= {name: stored(name) for name in variants}
+    each experiment changed from the first one (empty for the seeds). `committed` runs' params are read
+    from their committed folders (their models need not exist here)."""
+    stored = lambda name: committed_params(name) if name in committed else \
+        yaml.safe_load(show(full_rev(name), "params.yaml"))
+    written = {name: stored(name) for name in experiments + variants}
     changes = {name: differences(p, written[experiments[0]]) for name, p in written.items()}
     for name, changed in changes.items():
         if validate(written[name]).data.name != "celeba":
@@ -192,21 +211,41 @@ if __name__ == "__main__":
                         help="compute the --variant runs alone: the main table, the factor table and the other "
                              "variants' rows stay as committed (each variant's changes are against the first "
                              "experiment's committed params)")
+    parser.add_argument("--committed", nargs="+", default=[],
+                        help="runs (among the experiments and variants) whose rows, NMI and params are taken "
+                             "from the committed tables and folders instead of their models")
     args = parser.parse_args()
-    changes = check_roles(args.experiments, args.variant, args.only_variants)  # before anything is computed or written
+    unknown = set(args.committed) - set(args.experiments + args.variant)
+    if unknown:
+        raise SystemExit(f"error: --committed {' '.join(sorted(unknown))}: not among the experiments or variants")
+    committed = set(args.committed) | (set(args.experiments) if args.only_variants else set())
+    changes = check_roles(args.experiments, args.variant, committed)  # before anything is computed or written
+    kept = {name: committed_rows(name) for name in args.committed}  # read before any table is rewritten
+    for name in set(args.committed) & set(args.experiments):
+        if kept[name][1].empty and not args.only_variants:  # --only-variants keeps the factor table as it is
+            raise SystemExit(f"error: {name!r} has no rows in the committed reports/celeba_factors.csv: "
+                             "a main run needs its NMI; table it from its model")
+
+    def rows_of(name: str, changed: dict | None = None) -> tuple[list[dict], pd.DataFrame]:
+        if name not in kept:
+            return run_report(name, changed)
+        rows, nmi = kept[name]
+        return [{"run": r["run"], "seed": r["seed"], **({"changed": _changes(changed)} if changed else {}),
+                 **{k: v for k, v in r.items() if k not in ("run", "seed")}} for r in rows], nmi
+
     if args.only_variants:
         if not args.variant:
             raise SystemExit("error: --only-variants needs --variant NAME ...")
-        rows = [row for name in args.variant for row in run_report(name, changes[name])[0]]
-        kept = REPORTS / "celeba_variants.csv"
-        kept = pd.read_csv(kept) if kept.exists() else pd.DataFrame(columns=["run"])
-        kept = kept[~kept["run"].isin(args.variant)].drop(columns=["code"], errors="ignore")
-        variants = pd.concat([kept, pd.DataFrame(rows)], ignore_index=True)
+        rows = [row for name in args.variant for row in rows_of(name, changes[name])[0]]
+        others = REPORTS / "celeba_variants.csv"
+        others = pd.read_csv(others) if others.exists() else pd.DataFrame(columns=["run"])
+        others = others[~others["run"].isin(args.variant)].drop(columns=["code"], errors="ignore")
+        variants = pd.concat([others, pd.DataFrame(rows)], ignore_index=True)
         write_table(runs.with_code_column(runs.CELEBA_VARIANTS, variants), REPORTS / "celeba_variants")
         print(variants.to_string(index=False))
         raise SystemExit(0)
-    reports = [run_report(name) for name in args.experiments]
-    variants = [run_report(name, changes[name]) for name in args.variant]
+    reports = [rows_of(name) for name in args.experiments]
+    variants = [rows_of(name, changes[name]) for name in args.variant]
     # each row's code (HEAD or the commit it ran at); the mean refused if the seeds' differ
     table = runs.with_code_column(runs.CELEBA_TABLE, summary([row for rows, _ in reports for row in rows]))
     if variants:

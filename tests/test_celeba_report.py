@@ -190,7 +190,8 @@ def test_the_40_attributes_of_the_test_images_line_up_with_the_prepared_ones(mir
 def test_a_tiny_celeba_cpu_experiment_and_its_table(mirror, tmp_path):
     """The celeba_cpu preset (shrunk by -S overrides) through `dvc exp run`, then
     stages/celeba_table.py on it: the table quotes the run's own properties.json and adds balanced
-    accuracy and the majority baseline; every figure and the NMI table are written."""
+    accuracy and the majority baseline; every figure and the NMI table are written; a variant is added
+    alone, then the table regrouped around it with the former main run's rows taken as committed."""
     small_celeba(mirror, tmp_path / "mirror" / "celeba")
     root = copy_project(tmp_path / "project", tiny_params())
     git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
@@ -252,3 +253,21 @@ def test_a_tiny_celeba_cpu_experiment_and_its_table(mirror, tmp_path):
     props = json.loads((root / "reports/celeba/celeba_swap/properties.json").read_text())
     assert variants["judge_agreement_clamped_samples"].tolist() == [props[f"agreement_{p}"] for p in variants["property"]]
     assert (root / "reports/celeba/celeba_swap/figure6.png").stat().st_size > 0
+    # a preset that adopts what a variant changed regroups the table: the variant becomes the main row, the
+    # former main run a variant whose rows and NMI come from the committed tables (its model need not be here)
+    before = (root / "reports/celeba_table.csv").read_bytes()
+    old = pd.read_csv(root / "reports/celeba_table.csv").query("run == 'celeba_cpu'").reset_index(drop=True)
+    refused = run(["python", "stages/celeba_table.py", "celeba_swap", "--variant", "celeba_cpu", "--committed",
+                   "celeba_swap", "celeba_cpu"], root, check=False, env_extra=env, timeout=300)
+    assert refused.returncode != 0 and "celeba_factors.csv" in refused.stderr  # a main run needs its NMI
+    assert (root / "reports/celeba_table.csv").read_bytes() == before
+    run(["python", "stages/celeba_table.py", "celeba_swap", "--variant", "celeba_cpu", "--committed", "celeba_cpu"],
+        root, env_extra=env, timeout=600)
+    table = pd.read_csv(root / "reports/celeba_table.csv")
+    assert set(table.dropna(subset=["seed"])["run"]) == {"celeba_swap"}
+    regrouped = pd.read_csv(root / "reports/celeba_variants.csv")
+    assert regrouped["run"].tolist() == ["celeba_cpu"] * 3 and (regrouped["changed"] == "semi.swap_weight=10.0").all()
+    for col in ("accuracy_argmax_q_r", "balanced_accuracy", "judge_agreement_clamped_samples", "judge_sees_factor_swap",
+                "test_elbo"):
+        assert regrouped[col].tolist() == old[col].tolist(), col
+    assert set(pd.read_csv(root / "reports/celeba_factors.csv")["run"]) == {"celeba_swap"}

@@ -53,11 +53,11 @@ def test_a_run_whose_lock_matches_neither_its_commit_nor_head_is_refused(tmp_pat
     lock = yaml.safe_load((folder / "dvc.lock").read_text())
     for stage in lock["stages"].values():
         for dep in stage.get("deps", []):
-            if dep["path"] == "fmvae/core/prior.py":
-                dep["md5"] = "0" * 32  # the run says it ran on another prior.py than its commit's (or HEAD's)
+            if dep["path"] == "fmvae/prior.py":
+                dep["md5"] = "0" * 32  # the run (at 2b1fe3c) says it ran on another prior.py
     (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
     with pytest.raises(runs.RunCodeError, match=f"matches neither the sources at its commit {code.commit[:7]} "
-                                                r"nor HEAD's: fmvae/core/prior.py"):
+                                                r"nor HEAD's: fmvae/prior.py"):
         runs.run_code(folder)
 
 
@@ -80,21 +80,23 @@ def test_a_table_never_averages_seeds_of_different_code(monkeypatch):
     """The CelebA table's mean over its two seeds is refused when one seed's code is another's; its
     variants (no mean) may mix code versions, each row saying its own."""
     real = runs.run_code
+    seeds = read(runs.CELEBA_TABLE).dropna(subset=["seed"])
+    first, second = seeds.loc[seeds["seed"] == 0, "run"].iloc[0], seeds.loc[seeds["seed"] == 1, "run"].iloc[0]
 
     def one_seed_older(folder, lock=None):
         code = real(folder, lock)
         older = "abc1234" + "0" * 33
-        return runs.RunCode(folder, older, older, False) if folder.name == "celeba_cpu_seed1" else code
+        return runs.RunCode(folder, older, older, False) if folder.name == second else code
 
-    own = real(ROOT / "reports/celeba/celeba_cpu").label
+    own = real(ROOT / "reports/celeba" / first).label
     monkeypatch.setattr(runs, "run_code", one_seed_older)
     with pytest.raises(runs.RunCodeError, match="refusing to average runs of different code: "
                                                 + ", ".join(sorted([own, "abc1234"]))):
         runs.with_code_column(runs.CELEBA_TABLE, read(runs.CELEBA_TABLE))
-    variants = read(runs.CELEBA_VARIANTS).iloc[:3].assign(run="celeba_cpu_seed1")
+    variants = read(runs.CELEBA_VARIANTS).iloc[:3].assign(run=second)
     mixed = runs.with_code_column(runs.CELEBA_VARIANTS, pd.concat([read(runs.CELEBA_VARIANTS), variants]))
-    assert set(mixed[mixed["run"] == "celeba_cpu_seed1"]["code"]) == {"abc1234"}
-    assert set(mixed[mixed["run"] != "celeba_cpu_seed1"]["code"]) == \
+    assert set(mixed[mixed["run"] == second]["code"]) == {"abc1234"}
+    assert set(mixed[mixed["run"] != second]["code"]) == \
         {real(ROOT / "reports/celeba" / name).label for name in read(runs.CELEBA_VARIANTS)["run"]}
 
 
@@ -137,14 +139,16 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
                 assert f"reports/{table.stem}: {name} ran on code {label_there(*table.files(name))}; rerun: " \
                     in listed.stdout, \
                     (name, listed.stdout)
-    assert "python stages/preset.py celeba_cpu -n celeba_cpu_seed1 -S seed=1 && python stages/celeba_table.py" \
-        in listed.stdout
+    seeds = read(runs.CELEBA_TABLE).dropna(subset=["seed"])
+    first, second = seeds.loc[seeds["seed"] == 0, "run"].iloc[0], seeds.loc[seeds["seed"] == 1, "run"].iloc[0]
+    assert f"python stages/preset.py celeba_cpu -n {second} -S seed=1 && python stages/celeba_table.py" \
+        in listed.stdout  # the preset's seed 1 differs from the preset in its seed alone
     written = run_in(clone, *STATUS, "--write")
     assert written.returncode == 0, written.stderr
     fresh = run_in(clone, *pytest_in_clone, "tests/test_runs.py", "-k", "code_column")
     assert fresh.returncode == 0, fresh.stdout[-2000:]
     celeba = pd.read_csv(clone / "reports/celeba_table.csv", dtype={"code": str})
-    assert set(celeba["code"]) == {label_there(ROOT / "reports/celeba/celeba_cpu")}
+    assert set(celeba["code"]) == {label_there(ROOT / "reports/celeba" / first)}
 
 
 @pytest.mark.parametrize("report", sorted((ROOT / "reports/diagnostics").glob("*.json")), ids=lambda p: p.stem)
