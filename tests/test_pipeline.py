@@ -6,7 +6,7 @@ import signal
 import pytest
 import yaml
 
-from helpers import copy_project, run, tiny_params
+from helpers import assert_every_torch_file_holds_plain_values, copy_project, run, tiny_params
 
 STAGES = ["download", "pretrain", "prior_init", "joint_train", "evaluate", "properties", "plot"]
 OUTPUTS = ["data/prepared/dataset.pt", "models/pretrain.pt", "models/prior_init.pt", "models/joint.pt",
@@ -51,6 +51,12 @@ def test_dvc_repro_writes_every_declared_output(project):
     for col in ("accuracy_argmax_q_r", "judge_agreement_clamped_samples", "judge_test_accuracy"):
         assert table[col].between(0, 1).all()
     assert table["accuracy_argmax_q_r"].tolist() == [m["acc_shape"], m["acc_position"]]
+
+
+def test_every_file_the_pipeline_saves_holds_plain_values(project):
+    """Data, models and checkpoints of a tiny `dvc repro` load with weights_only (no typed params pickled)."""
+    root, _ = project
+    assert assert_every_torch_file_holds_plain_values(root / "data", root / "models", root / "checkpoints") >= 4
 
 
 def test_second_repro_reruns_nothing_and_a_plot_param_reruns_only_plot(project):

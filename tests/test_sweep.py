@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from fmvae.reporting import figure3
-from helpers import copy_project, run, tiny_params
+from helpers import assert_every_torch_file_holds_plain_values, copy_project, run, tiny_params
 
 SWEEP = {"data": ["synthetic"], "K": [2, 3, 4], "seeds": [0], "I": [1], "cpus_per_trial": 1, "gpus_per_trial": 0,
          "max_failures": 1, "iters": {"pretrain": 30, "prior_init": 10, "joint": 30}}
@@ -36,6 +36,12 @@ def test_sweep_writes_one_row_per_trial_and_records_the_failed_one(swept):
     assert "2 trials done, 1 failed" in log
     records = [json.loads(p.read_text()) for p in (root / "checkpoints/sweep/finished").glob("*.json")]
     assert len(records) == 2 and {a["ip"] for r in records for a in r["attempts"]} == {"127.0.0.1"}  # loopback only
+
+
+def test_every_file_the_sweep_saves_holds_plain_values(swept):
+    """Published data and pre-trainings, trial models and Tune checkpoints load with weights_only."""
+    root, _ = swept
+    assert assert_every_torch_file_holds_plain_values(root / "checkpoints/sweep") >= 4
 
 
 def test_second_invocation_reuses_finished_trials(swept):

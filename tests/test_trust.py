@@ -390,3 +390,15 @@ def test_readme_quotes_the_celeba_seeds_and_the_runs_before_the_levers_as_their_
             quoted = " / ".join(f"{r[col]:.3f}" for r in seeds) + f", {mean[col]:.3f}; " + \
                 f"{sum(r[col] for r in earlier) / 2:.3f} ("
             assert quoted in readme, (prop, col, quoted)
+
+
+def test_typed_params_keep_the_fingerprints_the_plain_dicts_had():
+    """A fingerprint takes typed params (and a phase's TrainConfig) as the plain dict of their values, so typing
+    params re-keyed nothing: the default params' fingerprint is the one commit c4ace19 computed from its plain
+    dict (a40aee002ead7f83). Changing a default or adding a key re-keys every result on purpose: record the new
+    value here then, and say so in the commit."""
+    import dataclasses
+    params = validate({})
+    assert provenance.fingerprint(params) == provenance.fingerprint(params.to_dict()) == "a40aee002ead7f83"
+    config = train_config(params, "joint")
+    assert provenance.fingerprint("joint", config) == provenance.fingerprint("joint", dataclasses.asdict(config))
