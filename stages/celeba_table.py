@@ -42,14 +42,12 @@ import torch
 import yaml
 from _common import REPORTS, ROOT
 
-from fmvae import data as data_mod
-from fmvae import provenance
-from fmvae.reporting import celeba as cr
+from fmvae import data as data_mod, provenance
 from fmvae.core import evaluate as ev
-from fmvae.reporting import runs
 from fmvae.io import atomic_write_bytes, atomic_write_text
-from fmvae.reporting.experiments import full_rev, load_run, run_params, show
 from fmvae.params import Params, as_written, validate
+from fmvae.reporting import celeba as cr, runs
+from fmvae.reporting.experiments import full_rev, load_run, run_params, show
 from fmvae.reporting.judge import PAPER_CELEBA, train_judge
 from fmvae.reporting.tables import write_table
 

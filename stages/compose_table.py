@@ -17,10 +17,10 @@ import json
 import yaml
 from _common import REPORTS
 
-from fmvae.reporting import runs
 from fmvae.io import atomic_write_bytes
-from fmvae.reporting.experiments import full_rev, run_params, show
 from fmvae.params import flatten, validate
+from fmvae.reporting import runs
+from fmvae.reporting.experiments import full_rev, run_params, show
 from fmvae.reporting.tables import write_table
 
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties.json", "reports/provenance.json",

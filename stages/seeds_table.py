@@ -28,10 +28,10 @@ import pandas as pd
 import yaml
 from _common import REPORTS, ROOT
 
-from fmvae.reporting import runs as committed_runs
 from fmvae.io import atomic_write_bytes
-from fmvae.reporting.experiments import full_rev, show
 from fmvae.params import flatten
+from fmvae.reporting import runs as committed_runs
+from fmvae.reporting.experiments import full_rev, show
 from fmvae.reporting.tables import write_table
 
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/evaluation.json", "reports/provenance.json"]

@@ -18,10 +18,10 @@ import dvc.api
 import torch
 from _common import REPORTS, ROOT
 
+from fmvae.data import semi_supervised_labels
+from fmvae.io import atomic_write_bytes
 from fmvae.reporting import runs
 from fmvae.reporting.experiments import full_rev, run_params, show
-from fmvae.io import atomic_write_bytes
-from fmvae.data import semi_supervised_labels
 from fmvae.reporting.judge import semi_supervised_table
 from fmvae.reporting.tables import write_table
 

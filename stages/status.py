@@ -20,9 +20,9 @@ import pandas as pd
 import yaml
 from _common import ROOT
 
-from fmvae.reporting import runs
 from fmvae.io import atomic_write_json
 from fmvae.params import flatten, validate
+from fmvae.reporting import runs
 from fmvae.reporting.tables import write_table
 
 PRESETS = {"mnist": "mnist_semi", "celeba": "celeba_cpu", "compose": "mnist_compose"}

@@ -3,16 +3,15 @@ of the last iterates, not from wherever the last optimiser step happened to land
 import pytest
 import torch
 
-from fmvae.io import CheckpointDir, load_checked
-from fmvae.data.prepared import load_data, prepare_data
-from fmvae.params import validate
+from fmvae.core.evaluate import evaluate_bound
+from fmvae.core.loop import TrainData, WeightAverage
+from fmvae.core.model import FMVAE
+from fmvae.core.phases import init_prior, joint_train, pretrain
 from fmvae.core.pipeline import evaluate_stage, load_model, train_stage
 from fmvae.data import factorial_vectors
-from fmvae.core.evaluate import evaluate_bound
-from fmvae.core.model import FMVAE
-from fmvae.core.loop import TrainData, WeightAverage
-from fmvae.params import TrainConfig
-from fmvae.core.phases import init_prior, joint_train, pretrain
+from fmvae.data.prepared import load_data, prepare_data
+from fmvae.io import CheckpointDir, load_checked
+from fmvae.params import validate, TrainConfig
 from helpers import tiny_params
 
 

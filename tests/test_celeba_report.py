@@ -11,11 +11,11 @@ import torch
 import yaml
 
 from fmvae import data
-from fmvae.reporting import celeba as cr
-from fmvae.data.core import Dataset
-from fmvae.params import validate
 from fmvae.core.distributions import normal_gamma as ng
 from fmvae.core.model import FMVAE
+from fmvae.data.core import Dataset
+from fmvae.params import validate
+from fmvae.reporting import celeba as cr
 from helpers import ROOT, copy_project, run, tiny_params
 
 matplotlib.use("Agg")

@@ -3,8 +3,8 @@ reads one block, a judge that reads one coordinate, a prior fitted to known clus
 import pytest
 import torch
 
-from fmvae.reporting import diagnostics as dg
 from fmvae.core.prior import FactorialMixturePrior
+from fmvae.reporting import diagnostics as dg
 
 N = 2000
 

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.core.evaluate import matched_accuracy, supervised_accuracy, evaluate_bound
-from fmvae.core.model import FMVAE
 from fmvae.core.loop import TrainData
-from fmvae.params import TrainConfig
+from fmvae.core.model import FMVAE
 from fmvae.core.phases import init_prior, joint_train, pretrain
+from fmvae.data import factorial_vectors, semi_supervised_labels
+from fmvae.params import TrainConfig
 
 COMMON = dict(batch_size=128, lr=3e-3, log_every=100, progress=False, tau0=1.0, kappa=0.7, kl_anneal_iters=0)
 identity = lambda t: t

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from fmvae import provenance
+from fmvae.core.levers import Adversary, read_back, swap_consistency
+from fmvae.core.loop import TrainData
+from fmvae.core.model import FMVAE
+from fmvae.core.phases import init_prior, joint_train, pretrain
 from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.io import CheckpointDir
-from fmvae.core.levers import Adversary, read_back, swap_consistency
-from fmvae.core.model import FMVAE
-from fmvae.params import ParamError, train_config, validate
-from fmvae.core.loop import TrainData
-from fmvae.params import TrainConfig
-from fmvae.core.phases import init_prior, joint_train, pretrain
+from fmvae.params import ParamError, train_config, validate, TrainConfig
 
 X, Y = factorial_vectors(3000, seed=0)
 DATA = TrainData(X, lambda t: t, semi_supervised_labels(Y, 0.3, 2, 0))

@@ -3,17 +3,17 @@ stops alone on a non-finite term, and resumes from its own checkpoints."""
 import pytest
 import torch
 
-from fmvae.io import CheckpointDir
-from fmvae.data import factorial_vectors
 from fmvae.core.evaluate import evaluate_bound
 from fmvae.core.model import FMVAE
+from fmvae.data import factorial_vectors
+from fmvae.io import CheckpointDir
 from fmvae.pack import memory as pack_memory
 from helpers import ReorderedLinear
+from fmvae.core.loop import NumericalError, TrainData
+from fmvae.core.phases import joint_train, pretrain
 from fmvae.pack.model import PackedModel
 from fmvae.pack.train import train_pack
-from fmvae.core.loop import NumericalError, TrainData
 from fmvae.params import TrainConfig
-from fmvae.core.phases import joint_train, pretrain
 
 X, _ = factorial_vectors(3000, seed=0)
 X_TEST, _ = factorial_vectors(1000, seed=1)

@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fmvae.reporting import plots
-from fmvae.data import load_synthetic
 from fmvae.core.model import FMVAE
+from fmvae.data import load_synthetic
+from fmvae.reporting import plots
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from fmvae.io import CheckpointDir, CorruptCheckpoint, UnsafeCheckpoint, load_checked, save_checked
-from fmvae.data import factorial_vectors
-from fmvae.core.model import FMVAE
 from fmvae.core.loop import NumericalError, TrainData
-from fmvae.params import TrainConfig
+from fmvae.core.model import FMVAE
 from fmvae.core.phases import joint_train
+from fmvae.data import factorial_vectors
+from fmvae.io import CheckpointDir, CorruptCheckpoint, UnsafeCheckpoint, load_checked, save_checked
+from fmvae.params import TrainConfig
 from helpers import copy_project, env_with_venv, run, tiny_params
 
 OUTS = ["models/joint.pt", "reports/metrics.json"]

@@ -4,11 +4,10 @@ import pandas as pd
 import pytest
 import torch
 
-from fmvae.reporting import figure3
-from fmvae.reporting import judge
-from fmvae.data import load_synthetic
 from fmvae.core.evaluate import matched_accuracy
 from fmvae.core.model import FMVAE
+from fmvae.data import load_synthetic
+from fmvae.reporting import figure3, judge
 
 
 BUDGET = {"pretrain_iters": 2000, "prior_init_iters": 300, "joint_iters": 1500, "batch_size": 64}

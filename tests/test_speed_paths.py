@@ -4,13 +4,13 @@ import json
 
 import torch
 
-from fmvae.tools import bench
-from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.core.evaluate import evaluate_bound, supervised_accuracy
-from fmvae.core.model import FMVAE
 from fmvae.core.loop import make_optimizer
-from fmvae.params import TrainConfig
+from fmvae.core.model import FMVAE
 from fmvae.core.phases import joint_step
+from fmvae.data import factorial_vectors, semi_supervised_labels
+from fmvae.params import TrainConfig
+from fmvae.tools import bench
 from test_end_to_end import train
 
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from scipy import stats
 
-from fmvae.tools.gpu_check import cli as gpu_check
-from fmvae.reporting import figure3
-from fmvae.data import factorial_vectors, semi_supervised_labels
-from fmvae.core.model import FMVAE
-from fmvae.core.prior import FactorialMixturePrior
 from fmvae.core.distributions import normal_gamma as ng
 from fmvae.core.loop import TrainData, make_optimizer
-from fmvae.params import TrainConfig
+from fmvae.core.model import FMVAE
 from fmvae.core.phases import init_prior, joint_step, joint_train, pretrain
+from fmvae.core.prior import FactorialMixturePrior
+from fmvae.data import factorial_vectors, semi_supervised_labels
+from fmvae.params import TrainConfig
+from fmvae.reporting import figure3
+from fmvae.tools.gpu_check import cli as gpu_check
 
 identity = lambda t: t
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from fmvae import provenance
-from fmvae.reporting import runs as committed_runs
 from fmvae.data.prepared import prepare_data
+from fmvae.reporting import runs as committed_runs
 from fmvae.params import (PHASE_SECTIONS, SCHEMA, SHARED_SECTIONS, ParamError, TrainConfig, as_written, flatten, load_params,
                           train_config, unflatten, validate)
 

@@ -10,11 +10,11 @@ import dataclasses
 
 import torch
 
-from fmvae.io import CheckpointDir
 from fmvae.core.clustering import factorial_kmeans
 from fmvae.core.levers import Adversary, swap_consistency
 from fmvae.core.model import FMVAE
 from fmvae.core.prior import robbins_monro
+from fmvae.io import CheckpointDir
 from fmvae.params import ORDERS, PHASE_SECTIONS, TrainConfig
 from fmvae.core.loop import (Batcher, TrainData, WeightAverage, as_weight, autocast, compiled, gradient_norm,
                    make_optimizer, ramp, run_loop, set_lr, skip_batch)

@@ -15,17 +15,15 @@ from pathlib import Path
 
 import torch
 
-from fmvae import data as data_mod
-from fmvae.core import build
-from fmvae import provenance
-from fmvae.core import evaluate as ev
+from fmvae import data as data_mod, provenance
+from fmvae.core import build, evaluate as ev
+from fmvae.core.loop import TrainData
+from fmvae.core.model import FMVAE
+from fmvae.core.phases import PHASES
+from fmvae.data import sha256_file
 from fmvae.data.prepared import load_data
 from fmvae.io import CheckpointDir, atomic_write_json, atomic_write_text, load_checked, save_checked
-from fmvae.data import sha256_file
-from fmvae.core.model import FMVAE
-from fmvae.core.loop import TrainData
 from fmvae.params import Params, TrainConfig, train_config
-from fmvae.core.phases import PHASES
 
 
 def save_model(model: FMVAE, path: Path, params: Params, history: list[dict], with_prior: bool = True) -> None:

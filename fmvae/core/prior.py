@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fmvae.core.clustering import factorial_kmeans, kmeans_plus_plus
-from fmvae.core.distributions import dirichlet
-from fmvae.core.distributions import normal_gamma as ng
+from fmvae.core.distributions import dirichlet, normal_gamma as ng
 from fmvae.core.distributions.dirichlet import expected_log_pi, kl_dirichlet
 from fmvae.core.distributions.normal_gamma import (  # re-exported: the stable math API
     expected_log_normal,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fmvae.params import ParamError, Params, check_against_data
 from fmvae.data import Dataset, fetch, load, load_prepared, save_prepared
+from fmvae.params import ParamError, Params, check_against_data
 
 
 def prepare_data(params: Params, out: Path) -> Dataset:

@@ -29,8 +29,8 @@ from torchvision.utils import make_grid
 
 from fmvae.data import DataError
 from fmvae.data.celeba import ATTRIBUTES, PARTITION, ImageSource, read_celeba_attributes
-from fmvae.reporting.plots import component_label, components, save_figure, to_unit
 from fmvae.reporting.judge import predict
+from fmvae.reporting.plots import component_label, components, save_figure, to_unit
 
 # Figure 6's column titles: a property's value 1 and 0, as the paper abbreviates them.
 ABBREVIATIONS = {"Male": ("m", "f"), "Eyeglasses": ("g", "ng"), "Smiling": ("s", "ns")}

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from fmvae.reporting.celeba import normalized_mutual_information
 from fmvae.core.distributions.normal_gamma import student_t_params
+from fmvae.reporting.celeba import normalized_mutual_information
 
 
 def balanced_accuracy(pred: torch.Tensor, true: torch.Tensor) -> float:

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from fmvae.core.evaluate import evaluate_bound, importance_weighted_log_likelihood
-from fmvae.core.model import FMVAE
 from fmvae.core.loop import Batcher, TrainData, make_runner
-from fmvae.params import TrainConfig
+from fmvae.core.model import FMVAE
 from fmvae.core.phases import joint_step, optimizer, pretrain_step
+from fmvae.params import TrainConfig
 
 MODES = {"eager": dict(compile=False, cuda_graph=False), "graph": dict(compile=False, cuda_graph=True),
          "compiled": dict(compile=True, cuda_graph=True)}

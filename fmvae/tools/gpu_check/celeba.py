@@ -10,8 +10,7 @@ import torch
 import yaml
 
 from fmvae import data as data_mod
-from fmvae.core import build
-from fmvae.core import evaluate as ev
+from fmvae.core import build, evaluate as ev
 from fmvae.core.loop import TrainData
 from fmvae.core.phases import PHASES, joint_train
 from fmvae.io import atomic_write_json, atomic_write_text

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fmvae.core import build
-from fmvae.core import evaluate as ev
+from fmvae.core import build, evaluate as ev
 from fmvae.core.loop import TrainData
 from fmvae.core.phases import init_prior, joint_train, pretrain
 from fmvae.io import atomic_write_json, atomic_write_text
