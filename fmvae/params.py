@@ -133,6 +133,9 @@ class Semi:
     adversary_weight: float = setting(0.0, _nonneg, ">= 0: weight of the encoder's term that makes the adversary's "
                                       "predictions of a named property from the other blocks uniform (fmvae.core.levers, a "
                                       "departure from the paper); 0: off")
+    balance: list = setting([], lambda v: v == [] or (_ints(0)(v) and len(set(v)) == len(v)),
+                            "a list of distinct named factors (K = 2) whose labelled classes each batch draws equally "
+                            "often (fmvae.core.loop.balanced_weights, a departure from the paper); []: uniform draws")
 
 
 @dataclass(frozen=True)
@@ -332,6 +335,17 @@ def _cross_checks(full: dict, given: dict) -> list[str]:
     if levers and full["sweep.pack"] > 1:
         errors.append("semi.swap_weight / semi.adversary_weight: trials packed into one vectorised model "
                       "(sweep.pack > 1) do not run them; set sweep.pack: 1")
+    if full["semi.balance"]:
+        if full["semi.fraction"] == 0:
+            errors.append("semi.balance: balances the labelled points' classes; it needs semi.fraction > 0")
+        ks = k if isinstance(k, list) else [k] * full["model.I"]
+        for p in full["semi.balance"]:
+            if p >= len(ks) or ks[p] != 2:
+                errors.append(f"semi.balance: factor {p} " + ("is not a factor of the model" if p >= len(ks) else
+                              f"has K = {ks[p]}; balanced batches act on named properties of two classes (K = 2)"))
+        if full["sweep.pack"] > 1:
+            errors.append("semi.balance: trials packed into one vectorised model (sweep.pack > 1) draw uniform "
+                          "batches; set sweep.pack: 1")
     if full["semi.average_factors"] and full["train.ema_decay"] == 0:
         errors.append("semi.average_factors: averages with train.ema_decay, which is 0 (no averaging)")
     if full["data.name"] == "synthetic" and full["semi.fraction"] > 0 and full["model.I"] < 2:
@@ -365,7 +379,8 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
 
 
 def check_against_data(params: Params, ds: Dataset) -> None:
-    """Errors that need the data: labels outside a factor's K, more properties than factors."""
+    """Errors that need the data: labels outside a factor's K, more properties than factors, balanced
+    batches of factors without labels."""
     if params.semi.fraction > 0 and ds.y_train is not None:
         ks = params.model.Ks
         if len(ds.property_K) > len(ks):
@@ -374,6 +389,13 @@ def check_against_data(params: Params, ds: Dataset) -> None:
         for p, (name, kp) in enumerate(zip(ds.property_names, ds.property_K)):
             if kp > ks[p]:
                 raise ParamError(f"model.K: property {name!r} has {kp} values but factor {p} has K = {ks[p]}")
+    if params.semi.balance:
+        if ds.y_train is None:
+            raise ParamError(f"semi.balance: balances labelled classes; {ds.name} has no labels")
+        unnamed = [p for p in params.semi.balance if p >= len(ds.property_names)]
+        if unnamed:
+            raise ParamError(f"semi.balance: factor(s) {unnamed} carry no labelled property; {ds.name} names "
+                             f"{len(ds.property_names)} ({', '.join(ds.property_names)})")
 
 
 # ----------------------------------------------------------------- a training phase's settings
@@ -385,9 +407,11 @@ PHASE_SECTIONS = {"pretrain": ("pretrain",), "prior_init": ("prior_init",), "joi
 _PHASE_KEYS = [k for k in SCHEMA if k == "seed" or (k.split(".")[0] in SHARED_SECTIONS + sum(PHASE_SECTIONS.values(), ())
                                                     and not k.endswith(".iters"))]
 
+_default_field = lambda d: field(default_factory=lambda: list(d)) if isinstance(d, list) else field(default=d)
 TrainConfig = dataclasses.make_dataclass(
     "TrainConfig",
-    [("iters", int)] + [(k.split(".")[-1], SCHEMA[k].types[0], field(default=SCHEMA[k].default)) for k in _PHASE_KEYS]
+    [("iters", int)] + [(k.split(".")[-1], SCHEMA[k].types[0], _default_field(SCHEMA[k].default))
+                       for k in _PHASE_KEYS]
     + [("progress", bool, field(default=True))],
     namespace={"__doc__": "One phase's settings: `iters`, then the leaf of every key of seed, "
                           + ", ".join(SHARED_SECTIONS + sum(PHASE_SECTIONS.values(), ())) + " (pretrain.kl_anneal_iters "

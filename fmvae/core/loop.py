@@ -49,13 +49,17 @@ class TrainData:
 
 
 class Batcher:
-    """Mini-batches drawn with replacement by index on the data's device, from a seeded generator."""
+    """Mini-batches drawn with replacement by index on the data's device, from a seeded generator:
+    uniformly, or in proportion to `weights` (N,) when given (balanced_weights)."""
 
-    def __init__(self, data: TrainData, batch_size: int, seed: int):
+    def __init__(self, data: TrainData, batch_size: int, seed: int, weights: torch.Tensor | None = None):
         self.data, self.batch_size = data, batch_size
         self.generator = torch.Generator(device=data.x.device).manual_seed(seed)
+        self.weights = None if weights is None else weights.to(device=data.x.device, dtype=torch.float)
 
     def draw(self) -> torch.Tensor:
+        if self.weights is not None:
+            return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
         return torch.randint(len(self.data), (self.batch_size,), device=self.data.x.device, generator=self.generator)
 
     def gather(self, idx: torch.Tensor):
@@ -64,6 +68,32 @@ class Batcher:
 
     def __call__(self):
         return self.gather(self.draw())
+
+
+def balanced_weights(labels: torch.Tensor, factors) -> torch.Tensor:
+    """Sampling weights (N,) under which the labelled points' classes of each factor in `factors` are
+    drawn equally often, and labelled points as a whole as often as under uniform draws.
+
+    A labelled point of class c of factor p weighs n_p / (K_p n_pc) (n_p labelled points, n_pc of class c,
+    K_p classes), a product over the factors; unlabelled points weigh 1. With one factor its classes come
+    out exactly balanced; with several (labelled on the same points) each is balanced to the extent the
+    properties are independent. Rare properties (6.9% of CelebA's faces wear glasses: 1.8 labelled
+    wearers in a batch of 64 at 40% labels) then reach the labelled terms as often as common ones.
+    """
+    weights = torch.ones(labels.shape[0], dtype=torch.double)
+    labelled = torch.zeros(labels.shape[0], dtype=torch.bool)
+    for p in factors:
+        seen = labels[:, p] >= 0
+        counts = torch.bincount(labels[seen, p])
+        present = counts > 0
+        if int(present.sum()) < 2:
+            raise ValueError(f"semi.balance: factor {p} has labelled points of {int(present.sum())} class(es); "
+                             "balancing needs both")
+        weights[seen] *= seen.sum().double() / (int(present.sum()) * counts[labels[seen, p]].double())
+        labelled |= seen
+    if labelled.any():  # the labelled points keep their share of the draws
+        weights[labelled] *= labelled.sum().double() / weights[labelled].sum()
+    return weights.float()
 
 
 class EagerStep:

@@ -16,8 +16,8 @@ from fmvae.core.model import FMVAE
 from fmvae.core.prior import robbins_monro
 from fmvae.io import CheckpointDir
 from fmvae.params import ORDERS, PHASE_SECTIONS, TrainConfig
-from fmvae.core.loop import (Batcher, TrainData, WeightAverage, as_weight, autocast, compiled, gradient_norm,
-                   make_optimizer, ramp, run_loop, set_lr, skip_batch)
+from fmvae.core.loop import (Batcher, TrainData, WeightAverage, as_weight, autocast, balanced_weights, compiled,
+                   gradient_norm, make_optimizer, ramp, run_loop, set_lr, skip_batch)
 
 
 def _average(params, cfg: TrainConfig) -> WeightAverage | None:
@@ -316,6 +316,7 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     cfg.delta_until < 1: from that fraction of the phase on, Delta = 0 and the labelled factors return
     to SVI from their values then; cfg.average_factors: their gradient-trained parameters leave with
     their average too (else with their last iterate). cfg.swap_weight, cfg.adversary_weight: fmvae.core.levers.
+    cfg.balance: named binary factors whose labelled classes the batches draw equally often (balanced_weights).
     """
     torch.manual_seed(cfg.seed)
     prior, n_total = model.prior, len(data)
@@ -341,7 +342,13 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     averaged = model.network_parameters() + (prior.gradient_parameters() if cfg.average_factors else [])
     average = _average(averaged, cfg)
     step_fn = joint_step(model, opt, cfg, n_total, params, named=list(gradient_factors), adversary=adversary)
-    history = run_loop("joint", model, step_fn, cfg, Batcher(data, cfg.batch_size, cfg.seed), opt, ckpt, fingerprint,
+    weights = None
+    if cfg.balance:  # labelled points drawn so that each named binary property's classes come equally often
+        if data.labels is None:
+            raise ValueError("semi.balance: balances labelled points; the training data have no labels")
+        weights = balanced_weights(data.labels, cfg.balance)
+    batcher = Batcher(data, cfg.batch_size, cfg.seed, weights)
+    history = run_loop("joint", model, step_fn, cfg, batcher, opt, ckpt, fingerprint,
                        on_log, log_extras=log_extras, meta=meta, average=average,
                        snapshot_at=tuple(snapshot_steps(cfg)), aux=adversary)
     if average is not None:
