@@ -9,12 +9,12 @@ import torch
 
 from fmvae import provenance
 from fmvae.core.levers import Adversary, read_back, swap_consistency
-from fmvae.core.loop import TrainData
+from fmvae.core.loop import Batcher, TrainData, balanced_weights
 from fmvae.core.model import FMVAE
 from fmvae.core.phases import init_prior, joint_train, pretrain
 from fmvae.data import factorial_vectors, semi_supervised_labels
 from fmvae.io import CheckpointDir
-from fmvae.params import ParamError, train_config, validate, TrainConfig
+from fmvae.params import ParamError, check_against_data, train_config, validate, TrainConfig
 
 X, Y = factorial_vectors(3000, seed=0)
 DATA = TrainData(X, lambda t: t, semi_supervised_labels(Y, 0.3, 2, 0))
@@ -115,11 +115,11 @@ def test_the_levers_key_the_joint_phase_s_checkpoints():
     """A checkpoint's fingerprint holds the phase's TrainConfig (fmvae.core.pipeline.prepare_phase): each lever
     set gives another one, so a run never resumes a checkpoint of the other setting. (Sweep trials key on
     the whole `semi` section, fmvae.sweep.TRIAL_SECTIONS.)"""
-    base = {"semi": {"delta": 10.0, "fraction": 0.1}, "model": {"I": 2}}
+    base = {"semi": {"delta": 10.0, "fraction": 0.1}, "model": {"I": 2, "K": [2, 2]}}
     fingerprints = {provenance.fingerprint(train_config(validate(base | {"semi": base["semi"] | extra}), "joint").__dict__)
                     for extra in ({}, {"delta_until": 0.5}, {"average_factors": True}, {"swap_weight": 1.0},
-                                  {"adversary_weight": 1.0})}
-    assert len(fingerprints) == 5
+                                  {"adversary_weight": 1.0}, {"balance": [0]}, {"balance": [0, 1]})}
+    assert len(fingerprints) == 7
 
 
 def test_the_swap_s_reader_is_a_fixed_judge(initialised):
@@ -218,3 +218,107 @@ def test_a_resumed_run_continues_the_adversary_s_state(initialised, tmp_path):
     resumed = joint_train(model, DATA, cfg, CheckpointDir(tmp_path), "fp", gradient_factors=[0, 1])
     assert resumed == straight
     assert not any(name.startswith("heads") for name in model.state_dict())
+
+
+# ----------------------------------------------------------------- balanced labelled batches (semi.balance)
+
+def rare_binary_data():
+    """Two binary factors (factorial_vectors with k = 2), class 1 of factor 0 thinned to about 1 point in
+    12 (CelebA's glasses: 6.9%), 40% of the points labelled."""
+    x, y = factorial_vectors(6000, seed=0, k=2)
+    keep = (y[:, 0] == 0) | (torch.rand(6000, generator=torch.Generator().manual_seed(1)) < 0.09)
+    return TrainData(x[keep], lambda t: t, semi_supervised_labels(y[keep], 0.4, 2, 0))
+
+
+def test_balanced_weights_draw_each_class_of_a_listed_factor_equally_often():
+    """Closed form: under the weights each class of factor 0 holds half of the labelled points' mass and the
+    labelled points their uniform share; drawn by the Batcher (200,000 draws), the shares agree within 4
+    standard errors. Factor 1 (not listed) and the unlabelled points keep their weights of 1."""
+    data = rare_binary_data()
+    labels = data.labels
+    seen = labels[:, 0] >= 0
+    assert 0.05 < (labels[seen, 0] == 1).float().mean() < 0.12
+    weights = balanced_weights(labels, [0])
+    mass = lambda mask: weights[mask].sum().item() / weights.sum().item()
+    assert mass(seen & (labels[:, 0] == 1)) == pytest.approx(mass(seen & (labels[:, 0] == 0)), rel=1e-5)
+    assert mass(seen) == pytest.approx(seen.float().mean().item(), rel=1e-5)
+    assert torch.all(weights[~seen] == 1)
+    batcher = Batcher(data, 500, seed=3, weights=weights)
+    drawn = torch.cat([batcher.draw() for _ in range(400)])
+    drawn_labels = labels[drawn, 0]
+    share = (drawn_labels[drawn_labels >= 0] == 1).float().mean().item()
+    n = int((drawn_labels >= 0).sum())
+    assert abs(share - 0.5) < 4 * (0.25 / n) ** 0.5, share
+    assert abs((drawn_labels >= 0).float().mean().item() - seen.float().mean().item()) < 4 * (0.25 / len(drawn)) ** 0.5
+    both = balanced_weights(labels, [0, 1])  # two listed factors: each balanced as far as they are independent
+    for p in (0, 1):
+        ones = both[seen & (labels[:, p] == 1)].sum() / both[seen].sum()
+        assert abs(ones.item() - 0.5) < 0.05, (p, ones)
+    with pytest.raises(ValueError, match="semi.balance: factor 0 has labelled points of 1 class"):
+        balanced_weights(torch.where(labels >= 0, 0, -1), [0])
+
+
+@pytest.fixture(scope="module")
+def binary_initialised():
+    data = rare_binary_data()
+    torch.manual_seed(0)
+    model = FMVAE("mlp", (data.x.shape[1],), [2, 2], 2)
+    pretrain(model, data, dataclasses.replace(BASE, iters=60, kl_anneal_iters=20))
+    init_prior(model, data, dataclasses.replace(BASE, iters=10, init_points=1000, restarts=1))
+    return data, model.state_dict()
+
+
+def test_balance_changes_training_only_when_set_and_resumes_its_stream(binary_initialised, tmp_path):
+    """balance = [] is the uniform run to the bit; balance = [0] trains on other batches (another curve), and
+    a run stopped at step 50 and resumed logs its uninterrupted curve to the bit (the batcher's generator is
+    checkpointed; the weights follow from the labels)."""
+    data, state = binary_initialised
+
+    def run(ckpt=None, on_log=None, **settings):
+        model = FMVAE("mlp", (data.x.shape[1],), [2, 2], 2)
+        model.load_state_dict(state)
+        return joint_train(model, data, dataclasses.replace(BASE, **settings), ckpt, "fp", on_log=on_log,
+                           gradient_factors=[0, 1])
+
+    uniform = run()
+    assert run(balance=[]) == uniform
+    balanced = run(balance=[0])
+    assert balanced != uniform
+
+    def stop(row, history):
+        if row["step"] == 50:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(CheckpointDir(tmp_path), stop, balance=[0])
+    assert run(CheckpointDir(tmp_path), balance=[0]) == balanced
+
+
+def test_balance_is_refused_where_it_cannot_apply(binary_initialised):
+    labelled = {"delta": 10.0, "fraction": 0.4, "balance": [0]}
+    validate({"semi": labelled, "model": {"I": 2, "K": [2, 2]}})
+    for given, message in (({"semi": {"balance": [0]}, "model": {"I": 2, "K": [2, 2]}}, "it needs semi.fraction > 0"),
+                           ({"semi": labelled, "model": {"I": 2, "K": [3, 2]}}, "factor 0 has K = 3"),
+                           ({"semi": labelled | {"balance": [2]}, "model": {"I": 2, "K": [2, 2]}},
+                            "factor 2 is not a factor of the model"),
+                           ({"semi": labelled | {"balance": [0, 0]}, "model": {"I": 2, "K": [2, 2]}}, "distinct"),
+                           ({"semi": labelled, "model": {"I": 2, "K": [2, 2]}, "sweep": {"pack": 4}}, "sweep.pack > 1")):
+        with pytest.raises(ParamError, match=message):
+            validate(given)
+
+    class Unlabelled:  # what check_against_data reads of a data set
+        name, y_train, property_names, property_K = "binarized_mnist", None, [], []
+
+    class OneProperty(Unlabelled):
+        name, y_train, property_names, property_K = "celeba-like", torch.zeros(4, 1), ["Eyeglasses"], [2]
+
+    params = validate({"semi": labelled | {"balance": [0, 1]}, "model": {"I": 2, "K": [2, 2]}})
+    with pytest.raises(ParamError, match="binarized_mnist has no labels"):
+        check_against_data(params, Unlabelled())
+    with pytest.raises(ParamError, match=r"factor\(s\) \[1\] carry no labelled property"):
+        check_against_data(params, OneProperty())
+    data, state = binary_initialised
+    model = FMVAE("mlp", (data.x.shape[1],), [2, 2], 2)
+    model.load_state_dict(state)
+    with pytest.raises(ValueError, match="semi.balance: balances labelled points; the training data have no labels"):
+        joint_train(model, TrainData(data.x, data.to_float), dataclasses.replace(BASE, delta=0.0, balance=[0]))

@@ -81,9 +81,11 @@ def test_train_config_is_the_phase_settings_with_their_defaults():
     keys = _phase_keys()
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     assert set(fields) == {k.split(".")[-1] for k in keys} | {"iters", "progress"}
+    defaults = TrainConfig(iters=0)
     for key in keys:
-        assert fields[key.split(".")[-1]].default == SCHEMA[key].default, key
-    assert {"lr", "bf16", "restarts", "rotate", "delta", "swap_weight"} <= set(fields)
+        assert getattr(defaults, key.split(".")[-1]) == SCHEMA[key].default, key
+    assert {"lr", "bf16", "restarts", "rotate", "delta", "swap_weight", "balance"} <= set(fields)
+    assert TrainConfig(iters=0).balance is not defaults.balance  # a list default: each config its own copy
 
 
 def test_params_yaml_states_exactly_the_schema_defaults():
@@ -98,7 +100,7 @@ def test_params_yaml_states_exactly_the_schema_defaults():
 def _another_value(key: str, value):
     if isinstance(value, bool):
         return not value
-    special = {"train.nan_policy": "skip", "joint.order": "paper", "svi.kappa": 0.9}
+    special = {"train.nan_policy": "skip", "joint.order": "paper", "svi.kappa": 0.9, "semi.balance": [0]}
     if key in special:
         return special[key]
     return value + 1 if isinstance(value, int) else value * 0.5 + 0.01
@@ -106,7 +108,7 @@ def _another_value(key: str, value):
 
 def test_train_config_takes_every_field_from_params():
     """Change each params key TrainConfig reads, one at a time: the phase that reads it sees it."""
-    base = flatten(validate({"semi": {"delta": 1.0, "fraction": 0.1}, "model": {"I": 2}}).to_dict())  # labels, two blocks: the semi levers apply
+    base = flatten(validate({"semi": {"delta": 1.0, "fraction": 0.1}, "model": {"I": 2, "K": [2, 2]}}).to_dict())  # labels, two binary blocks: the semi levers apply
     for key, phase in _phase_keys().items():
         new = _another_value(key, SCHEMA[key].default)
         params = validate(unflatten(base | {key: new}))
