@@ -48,7 +48,7 @@ from fmvae.io import atomic_write_bytes, atomic_write_text
 from fmvae.params import Params, as_written, validate
 from fmvae.reporting import celeba as cr, runs
 from fmvae.reporting.experiments import full_rev, load_run, run_params, show
-from fmvae.reporting.judge import PAPER_CELEBA, train_judge
+from fmvae.reporting.judge import PAPER_CELEBA, cached_judge
 from fmvae.reporting.tables import write_table
 
 matplotlib.use("Agg")
@@ -147,8 +147,8 @@ def run_report(name: str, changed: dict | None = None) -> tuple[list[dict], pd.D
 
 def factor_swap(name: str, rev: str, params: Params, props: dict, model, ds, path: Path) -> list[dict]:
     """fmvae.reporting.celeba.factor_swap with the run's judge trained again (same images, seed, steps
-    and thread count). Its minutes of CPU (nine on one thread of the 2-core host) are spent once per
-    run and code: `path` keeps the rows under a key of the run's commit (its params, model and
+    and thread count; fmvae.reporting.judge.cached_judge, which stages/diagnose.py shares). Its minutes of
+    CPU (nine on one thread of the 2-core host) are spent once per judge, the swap's once per run and code: `path` keeps the rows under a key of the run's commit (its params, model and
     thread count) and of the source that loads the model, trains the judge and moves the factors; a
     later call with the same key reads them back."""
     # the training sources (loading the model) and the modules that train the judge and move the factors
@@ -165,7 +165,7 @@ def factor_swap(name: str, rev: str, params: Params, props: dict, model, ds, pat
     threads, before = json.loads(show(rev, "reports/provenance.json"))["host"]["torch_threads"], torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        judge, judge_acc = train_judge(ds, params.properties.judge_iters, seed=params.seed)
+        judge, judge_acc = cached_judge(ds, params.properties.judge_iters, seed=params.seed)
     finally:
         torch.set_num_threads(before)
     for prop, acc in zip(ds.property_names, judge_acc):

@@ -31,7 +31,7 @@ from fmvae.reporting import plots
 from fmvae.io import atomic_write_json, atomic_write_text  # noqa: E402
 from fmvae.provenance import git_commit, host
 from fmvae.reporting.experiments import full_rev, load_run, run_params, show  # noqa: E402
-from fmvae.reporting.judge import predict, train_judge  # noqa: E402
+from fmvae.reporting.judge import cached_judge, predict  # noqa: E402
 
 POINTS = 2000  # test images each measure uses (the first ones of a seeded permutation)
 
@@ -44,7 +44,7 @@ def diagnose(name: str) -> dict:
     if ds.y_test is None or params.semi.fraction <= 0:
         raise SystemExit(f"error: experiment {name!r} has no labelled factors to diagnose")
     torch.set_num_threads(json.loads(show(rev, "reports/provenance.json"))["host"]["torch_threads"])
-    judge, judge_acc = train_judge(ds, params.properties.judge_iters, seed=params.seed)
+    judge, judge_acc = cached_judge(ds, params.properties.judge_iters, seed=params.seed)  # the table's judge
     model.eval()
     torch.manual_seed(params.seed)
     pick = torch.randperm(len(ds.x_test), generator=torch.Generator().manual_seed(params.seed))[:POINTS]

@@ -141,11 +141,11 @@ def test_the_table_trains_the_run_s_judge_again_on_the_run_s_thread_count(tmp_pa
     import celeba_table
     seen = []
 
-    def train_judge(ds, iters, seed):
+    def cached_judge(ds, iters, seed):
         seen.append((torch.get_num_threads(), iters, seed))
         return "the judge", [0.931, 0.970, 0.885]
     monkeypatch.setattr(celeba_table, "show", lambda rev, path: json.dumps({"host": {"torch_threads": 1}}).encode())
-    monkeypatch.setattr(celeba_table, "train_judge", train_judge)
+    monkeypatch.setattr(celeba_table, "cached_judge", cached_judge)
     monkeypatch.setattr(celeba_table.cr, "factor_swap",
                         lambda model, judge, ds: [{"property": p, "judged_by": judge} for p in ds.property_names])
     ds = types.SimpleNamespace(property_names=["Male", "Eyeglasses", "Smiling"])

@@ -1,4 +1,6 @@
 """Report code on hand-made tables, and the property table on a labelled data set."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,6 +110,40 @@ def test_judge_learns_the_synthetic_properties():
     assert min(acc) > 0.9
 
 
+def test_a_cached_judge_is_trained_once_per_data_steps_seed_and_thread_count(tmp_path, monkeypatch):
+    """cached_judge reads back the judge train_judge gave (the same weights and accuracies) for the same
+    data, steps, seed and thread count; any of them changed trains another; a corrupted file is trained
+    again and replaced, never trusted."""
+    monkeypatch.setenv("FMVAE_CACHE", str(tmp_path))
+    trained = []
+    real = judge.train_judge
+    monkeypatch.setattr(judge, "train_judge", lambda *a, **k: trained.append(k["seed"]) or real(*a, **k))
+    ds = load_synthetic(n_train=300, n_test=100, seed=0)
+    first, acc = judge.cached_judge(ds, 20, seed=0)
+    again, acc_again = judge.cached_judge(ds, 20, seed=0)
+    assert trained == [0] and acc_again == acc
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
+    judge.cached_judge(ds, 20, seed=1)
+    judge.cached_judge(ds, 21, seed=0)
+    judge.cached_judge(load_synthetic(n_train=300, n_test=100, seed=1), 20, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        judge.cached_judge(ds, 20, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert trained == [0, 1, 0, 0, 0]
+    (kept,) = [p for p in (tmp_path / "judges").glob("*.pt")
+               if p.name.startswith(judge.provenance.fingerprint(judge.data_digest(ds), 20, 0, threads,
+                                                                  judge.provenance.host()["cpu"], torch.__version__,
+                                                                  judge.hashlib.sha256(Path(judge.__file__).read_bytes()).hexdigest()))]
+    kept.write_bytes(kept.read_bytes()[:-10])
+    judge.cached_judge(ds, 20, seed=0)
+    assert trained == [0, 1, 0, 0, 0, 0]
+    judge.cached_judge(ds, 20, seed=0)
+    assert len(trained) == 6
+
+
 def test_matched_accuracy_is_permutation_invariant_and_counts_unmatched_as_errors():
     true = np.array([0, 0, 1, 1, 2, 2])
     assert matched_accuracy(np.array([2, 2, 0, 0, 1, 1]), true) == 1.0
@@ -169,7 +205,6 @@ def test_dvc_draws_figure3_and_reads_the_sweep_s_metrics_from_the_committed_repo
     """`dvc plots show --json` in the repository finds the nine K of each data set in Figure 3's ELBO
     plot, and `dvc metrics show --json` the sweep's summary, whose best K is the Figure 3 table's."""
     import json
-    from pathlib import Path
 
     from helpers import run
     root = Path(__file__).resolve().parents[1]

@@ -4,14 +4,20 @@ accuracy). Any data set with labelled properties (mnist's digit, synthetic's sha
 CelebA's Male / Eyeglasses / Smiling) gives the same table."""
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 
-from fmvae.io import atomic_write_json
+from fmvae import provenance
+from fmvae.io import CorruptCheckpoint, atomic_write_json, load_checked, save_checked
 from fmvae.reporting.tables import write_table
+
+log = logging.getLogger(__name__)
 
 
 # CelebA (section 4.2, Table 1): property -> (accuracy of argmax q(r_i|x), human judgement of clamped samples).
@@ -53,6 +59,39 @@ def train_judge(ds, iters: int = 500, batch: int = 64, seed: int = 0, device="cp
     with torch.no_grad():
         preds = predict(clf, ds.to_float(ds.x_test.to(device)))
     acc = [float((preds[:, p] == ds.y_test[:, p].to(device)).float().mean()) for p in range(len(ds.property_K))]
+    return clf, acc
+
+
+def data_digest(ds) -> str:
+    """sha256 of what a judge learns from and is scored on: the images, their labels, their kind."""
+    h = hashlib.sha256(repr((ds.kind, list(ds.property_K))).encode())
+    for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_judge(ds, iters: int, seed: int) -> tuple[PropertyClassifier, list[float]]:
+    """train_judge(ds, iters, seed) on the CPU, trained once and kept in FMVAE_CACHE/judges (default
+    ~/.cache/fmvae; checksummed, written atomically) under a key of everything its weights depend on: the
+    data, the steps, the seed, the thread count and CPU (other float sums: another judge), torch's version
+    and this module's source. The CelebA table and the diagnostics of one run each need that run's judge
+    (nine minutes on one thread of the 2-core host): the second reads it back."""
+    key = provenance.fingerprint(data_digest(ds), iters, seed, torch.get_num_threads(), provenance.host()["cpu"],
+                                 torch.__version__, hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
+    path = Path(os.environ.get("FMVAE_CACHE") or Path.home() / ".cache" / "fmvae") / "judges" / f"{key}.pt"
+    clf = PropertyClassifier(ds.x_shape[0], ds.property_K)
+    try:
+        kept = load_checked(path)
+        clf.load_state_dict(kept["state"])
+        log.info("judge %s read back from %s", key, path)
+        return clf, kept["accuracy"]
+    except FileNotFoundError:
+        pass
+    except CorruptCheckpoint as err:
+        log.warning("%s; training the judge again", err)
+    clf, acc = train_judge(ds, iters, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checked({"state": clf.state_dict(), "accuracy": acc}, path)
     return clf, acc
 
 
