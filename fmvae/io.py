@@ -22,6 +22,12 @@ import torch
 from torch.torch_version import TorchVersion
 
 
+def cache_root() -> Path:
+    """This node's cache folder for derived files (sweep files fetched from storage, trained judges):
+    FMVAE_CACHE, default ~/.cache/fmvae."""
+    return Path(os.environ.get("FMVAE_CACHE") or Path.home() / ".cache" / "fmvae")
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -77,8 +77,8 @@ def balanced_weights(labels: torch.Tensor, factors) -> torch.Tensor:
     A labelled point of class c of factor p weighs n_p / (K_p n_pc) (n_p labelled points, n_pc of class c,
     K_p classes), a product over the factors; unlabelled points weigh 1. With one factor its classes come
     out exactly balanced; with several (labelled on the same points) each is balanced to the extent the
-    properties are independent. Rare properties (6.9% of CelebA's faces wear glasses: 1.8 labelled
-    wearers in a batch of 64 at 40% labels) then reach the labelled terms as often as common ones.
+    properties are independent. Rare properties (6.5% of the mirror's 20,000 CelebA faces wear glasses:
+    1.7 labelled wearers in a batch of 64 at 40% labels) then reach the labelled terms as often as common ones.
     """
     weights = torch.ones(labels.shape[0], dtype=torch.double)
     labelled = torch.zeros(labels.shape[0], dtype=torch.bool)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 from fmvae import provenance
-from fmvae.io import CorruptCheckpoint, atomic_write_json, load_checked, save_checked
+from fmvae.io import CorruptCheckpoint, atomic_write_json, cache_root, load_checked, save_checked
 from fmvae.reporting.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -78,7 +77,7 @@ def cached_judge(ds, iters: int, seed: int) -> tuple[PropertyClassifier, list[fl
     (nine minutes on one thread of the 2-core host): the second reads it back."""
     key = provenance.fingerprint(data_digest(ds), iters, seed, torch.get_num_threads(), provenance.host()["cpu"],
                                  torch.__version__, hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
-    path = Path(os.environ.get("FMVAE_CACHE") or Path.home() / ".cache" / "fmvae") / "judges" / f"{key}.pt"
+    path = cache_root() / "judges" / f"{key}.pt"
     clf = PropertyClassifier(ds.x_shape[0], ds.property_K)
     try:
         kept = load_checked(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fmvae import provenance
 from fmvae.data import sha256_file
-from fmvae.io import CorruptCheckpoint
+from fmvae.io import CorruptCheckpoint, cache_root
 
 
 class Storage:
@@ -59,8 +59,7 @@ class Storage:
 
     def cache_path(self, key: str) -> Path:
         """Where fetch puts key on this node (one cache per storage)."""
-        cache = Path(os.environ.get("FMVAE_CACHE") or Path.home() / ".cache" / "fmvae")
-        return cache / "sweep" / provenance.fingerprint(self.uri) / key
+        return cache_root() / "sweep" / provenance.fingerprint(self.uri) / key
 
     def fetch(self, key: str) -> Path:
         """key, copied into this node's cache unless the cache already holds exactly the bytes the
