@@ -86,6 +86,8 @@ class Train:
     bf16: bool = setting(False, None, "true or false")
     compile: bool = setting(False, None, "true or false (torch.compile the differentiable part of each step)")
     cuda_graph: bool = setting(True, None, "true or false (on CUDA: replay each iteration from a CUDA graph)")
+    hflip: bool = setting(False, None, "true or false (true: pre-training and the joint phase draw each face or its "
+                          "left-right mirror, a departure from the paper; CelebA only)")
 
 
 @dataclass(frozen=True)
@@ -346,6 +348,12 @@ def _cross_checks(full: dict, given: dict) -> list[str]:
         if full["sweep.pack"] > 1:
             errors.append("semi.balance: trials packed into one vectorised model (sweep.pack > 1) draw uniform "
                           "batches; set sweep.pack: 1")
+    if full["train.hflip"] and full["data.name"] != "celeba":
+        errors.append(f"train.hflip: mirrors faces, whose labelled properties a mirror keeps; {full['data.name']!r} "
+                      "is not CelebA (a mirrored digit or character is another shape)")
+    if full["train.hflip"] and full["sweep.pack"] > 1:
+        errors.append("train.hflip: trials packed into one vectorised model (sweep.pack > 1) draw unmirrored "
+                      "batches; set sweep.pack: 1")
     if full["semi.average_factors"] and full["train.ema_decay"] == 0:
         errors.append("semi.average_factors: averages with train.ema_decay, which is 0 (no averaging)")
     if full["data.name"] == "synthetic" and full["semi.fraction"] > 0 and full["model.I"] < 2:

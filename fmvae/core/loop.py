@@ -50,21 +50,38 @@ class TrainData:
 
 class Batcher:
     """Mini-batches drawn with replacement by index on the data's device, from a seeded generator:
-    uniformly, or in proportion to `weights` (N,) when given (balanced_weights)."""
+    uniformly, or in proportion to `weights` (N,) when given (balanced_weights).
 
-    def __init__(self, data: TrainData, batch_size: int, seed: int, weights: torch.Tensor | None = None):
-        self.data, self.batch_size = data, batch_size
+    `hflip` (images (N, C, H, W) only): each draw is an image or its left-right mirror, equally often,
+    as if the training set held both (index j + N is image j mirrored). The choice rides on the index,
+    so a CUDA graph replays it from the static index buffer and a checkpoint of the generator resumes it."""
+
+    def __init__(self, data: TrainData, batch_size: int, seed: int, weights: torch.Tensor | None = None,
+                 hflip: bool = False):
+        if hflip and data.x.dim() != 4:
+            raise ValueError(f"hflip mirrors images (N, C, H, W); the data are {tuple(data.x.shape)}")
+        self.data, self.batch_size, self.hflip = data, batch_size, hflip
         self.generator = torch.Generator(device=data.x.device).manual_seed(seed)
         self.weights = None if weights is None else weights.to(device=data.x.device, dtype=torch.float)
+        if hflip and self.weights is not None:  # a mirror weighs what its image does
+            self.weights = self.weights.repeat(2)
 
     def draw(self) -> torch.Tensor:
         if self.weights is not None:
             return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=self.generator)
-        return torch.randint(len(self.data), (self.batch_size,), device=self.data.x.device, generator=self.generator)
+        n = len(self.data) * (2 if self.hflip else 1)
+        return torch.randint(n, (self.batch_size,), device=self.data.x.device, generator=self.generator)
 
     def gather(self, idx: torch.Tensor):
+        if self.hflip:
+            mirrored = (idx >= len(self.data)).view(-1, 1, 1, 1)
+            idx = idx % len(self.data)
+            x = self.data.x[idx]
+            x = torch.where(mirrored, x.flip(-1), x)
+        else:
+            x = self.data.x[idx]
         labels = None if self.data.labels is None else self.data.labels[idx]
-        return self.data.to_float(self.data.x[idx]), labels
+        return self.data.to_float(x), labels
 
     def __call__(self):
         return self.gather(self.draw())

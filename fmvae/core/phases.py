@@ -78,8 +78,9 @@ def pretrain(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDi
     torch.manual_seed(cfg.seed)
     opt = optimizer(model.network_parameters(), cfg)
     average = _average(model.network_parameters(), cfg)
-    history = run_loop("pretrain", model, pretrain_step(model, opt, cfg), cfg, Batcher(data, cfg.batch_size, cfg.seed),
-                        opt, ckpt, fingerprint, on_log, meta=meta, average=average)
+    history = run_loop("pretrain", model, pretrain_step(model, opt, cfg), cfg,
+                       Batcher(data, cfg.batch_size, cfg.seed, hflip=cfg.hflip), opt, ckpt, fingerprint, on_log,
+                       meta=meta, average=average)
     if average is not None:
         average.copy_to()
     return history
@@ -347,7 +348,7 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
         if data.labels is None:
             raise ValueError("semi.balance: balances labelled points; the training data have no labels")
         weights = balanced_weights(data.labels, cfg.balance)
-    batcher = Batcher(data, cfg.batch_size, cfg.seed, weights)
+    batcher = Batcher(data, cfg.batch_size, cfg.seed, weights, hflip=cfg.hflip)
     history = run_loop("joint", model, step_fn, cfg, batcher, opt, ckpt, fingerprint,
                        on_log, log_extras=log_extras, meta=meta, average=average,
                        snapshot_at=tuple(snapshot_steps(cfg)), aux=adversary)
