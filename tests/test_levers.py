@@ -322,3 +322,92 @@ def test_balance_is_refused_where_it_cannot_apply(binary_initialised):
     model.load_state_dict(state)
     with pytest.raises(ValueError, match="semi.balance: balances labelled points; the training data have no labels"):
         joint_train(model, TrainData(data.x, data.to_float), dataclasses.replace(BASE, delta=0.0, balance=[0]))
+
+
+# ----------------------------------------------------------------- mirrored faces (train.hflip)
+
+def faces(n: int = 120):
+    """Tiny (N, 3, 64, 64) uint8 images, bright on their left half only, so that a mirror is another image."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 60, (n, 3, 64, 64), generator=g, dtype=torch.uint8)
+    x[..., :32] += 180
+    labels = torch.randint(2, (n, 2), generator=g)
+    return TrainData(x, lambda t: t.float() / 127.5 - 1, labels)
+
+
+def test_hflip_draws_each_image_or_its_mirror_equally_often():
+    """Index j + N is image j mirrored left-right, its labels unchanged; 40,000 draws pick a mirror half of
+    the time within 4 standard errors, and weights (balanced_weights) weigh a mirror as its image."""
+    data = faces()
+    n = len(data)
+    batcher = Batcher(data, 500, seed=3, hflip=True)
+    x, labels = batcher.gather(torch.tensor([5, 5 + n]))
+    assert torch.equal(x[1], x[0].flip(-1)) and not torch.equal(x[1], x[0])
+    assert torch.equal(labels[0], labels[1]) and torch.equal(labels[0], data.labels[5])
+    drawn = torch.cat([batcher.draw() for _ in range(80)])
+    assert drawn.max() < 2 * n
+    mirrored = (drawn >= n).float().mean().item()
+    assert abs(mirrored - 0.5) < 4 * (0.25 / len(drawn)) ** 0.5, mirrored
+    weights = torch.ones(n)
+    weights[:10] = 50.0  # the first ten images (and their mirrors) hold 500 / 610 of the mass
+    drawn = torch.cat([Batcher(data, 500, seed=s, weights=weights, hflip=True).draw() for s in range(4, 44)])
+    heavy = ((drawn % n) < 10).float().mean().item()
+    assert abs(heavy - 500 / 610) < 4 * ((500 / 610) * (110 / 610) / len(drawn)) ** 0.5, heavy
+    assert abs((drawn >= n).float().mean().item() - 0.5) < 4 * (0.25 / len(drawn)) ** 0.5
+    with pytest.raises(ValueError, match=r"hflip mirrors images \(N, C, H, W\); the data are \(3000, 20\)"):
+        Batcher(DATA, 10, 0, hflip=True)
+
+
+def test_hflip_changes_training_only_when_set_and_resumes_its_stream(tmp_path):
+    """hflip = false is the unmirrored run to the bit (pre-training and the joint phase); hflip = true
+    trains on other batches; a run stopped at step 10 and resumed logs its uninterrupted curve to the bit."""
+    data = faces()
+    cfg = dataclasses.replace(BASE, iters=20, batch_size=16, kl_anneal_iters=5, delta=0.0)
+
+    def run(ckpt=None, on_log=None, **settings):
+        torch.manual_seed(0)
+        model = FMVAE("conv64", (3, 64, 64), [2, 2], 2, channels=(4, 4, 4, 4))
+        return pretrain(model, data, dataclasses.replace(cfg, **settings), ckpt, "fp", on_log=on_log)
+
+    plain = run()
+    assert run(hflip=False) == plain
+    mirrored = run(hflip=True)
+    assert mirrored != plain
+
+    def stop(row, history):
+        if row["step"] == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(CheckpointDir(tmp_path), stop, hflip=True)
+    assert run(CheckpointDir(tmp_path), hflip=True) == mirrored
+
+    torch.manual_seed(0)
+    model = FMVAE("conv64", (3, 64, 64), [2, 2], 2, channels=(4, 4, 4, 4))
+    pretrain(model, data, cfg)
+    init_prior(model, data, dataclasses.replace(cfg, iters=5, init_points=100, restarts=1))
+    state = model.state_dict()
+
+    def joint_run(**settings):
+        model = FMVAE("conv64", (3, 64, 64), [2, 2], 2, channels=(4, 4, 4, 4))
+        model.load_state_dict(state)
+        return joint_train(model, data, dataclasses.replace(cfg, iters=10, **settings))
+
+    unmirrored = joint_run()
+    assert joint_run(hflip=False) == unmirrored
+    assert joint_run(hflip=True) != unmirrored
+
+
+def test_hflip_is_refused_where_it_cannot_apply_and_keys_the_phases():
+    celeba = {"data": {"name": "celeba"}, "train": {"hflip": True}}
+    validate(celeba)
+    for given, message in (({"train": {"hflip": True}}, "'binarized_mnist' is not CelebA"),
+                           ({"train": {"hflip": True}, "data": {"name": "omniglot"}}, "'omniglot' is not CelebA"),
+                           (celeba | {"sweep": {"pack": 2}}, "train.hflip: trials packed"),
+                           ({"data": {"name": "celeba"}, "train": {"hflip": "yes"}}, "train.hflip")):
+        with pytest.raises(ParamError, match=message):
+            validate(given)
+    for phase in ("pretrain", "prior_init", "joint"):  # each phase's checkpoints key on it (sweep trials: `train`)
+        prints = {provenance.fingerprint(train_config(validate({"data": {"name": "celeba"}, "train": {"hflip": v}}),
+                                                      phase).__dict__) for v in (False, True)}
+        assert len(prints) == 2, phase
