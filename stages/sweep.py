@@ -1,6 +1,7 @@
-"""Ray Tune sweep over the `sweep` params -> reports/sweep/results.csv (one row per trial), and
+"""Ray Tune sweep over the `sweep` params -> reports/sweep/results.csv (one row per trial),
 reports/sweep/pretraining.csv / pretraining_curves.csv (each shared pre-training: its averaged
-model's test bound under N(0, I) and its training curve).
+model's test bound under N(0, I) and its training curve), and reports/sweep/provenance.json (the
+params, commit, host and versions it ran with: the commit the committed Figure 3 names).
 
     python stages/sweep.py                              # params.yaml's grid (GPU-sized); local Ray, or RAY_ADDRESS
     python stages/sweep.py --sweep-params sweep/params.yaml   # a sweep's own params file (the committed CPU run)
@@ -18,7 +19,8 @@ import os
 
 from _common import CHECKPOINTS, REPORTS, main
 
-from fmvae.io import atomic_write_text
+from fmvae import provenance
+from fmvae.io import atomic_write_json, atomic_write_text
 from fmvae.sweep.driver import pretraining_report, run_sweep
 
 
@@ -28,6 +30,7 @@ def sweep(params, args):
     pretrained, curves = pretraining_report(params, args.storage)
     atomic_write_text(REPORTS / "sweep" / "pretraining.csv", pretrained.to_csv(index=False))
     atomic_write_text(REPORTS / "sweep" / "pretraining_curves.csv", curves.to_csv(index=False))
+    atomic_write_json(REPORTS / "sweep" / "provenance.json", provenance.record(params))
     print(df.drop(columns=["error", "fingerprint"]).to_string(index=False))
     print(pretrained.drop(columns=["pretrain"]).to_string(index=False))
 

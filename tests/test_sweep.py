@@ -34,6 +34,8 @@ def test_sweep_writes_one_row_per_trial_and_records_the_failed_one(swept):
     assert len(list((root / "checkpoints/sweep/injected_failures").glob("K4-*.json"))) == 2  # 1 + max_failures
     assert len(list((root / "checkpoints/sweep/pretrain").glob("*.pt"))) == 1  # shared by both K trials
     assert "2 trials done, 1 failed" in log
+    recorded = json.loads((root / "reports/sweep/provenance.json").read_text())  # what the figure names
+    assert recorded["params"]["sweep"]["K"] == [2, 3, 4] and {"git_commit", "host", "versions"} <= set(recorded)
     records = [json.loads(p.read_text()) for p in (root / "checkpoints/sweep/finished").glob("*.json")]
     assert len(records) == 2 and {a["ip"] for r in records for a in r["attempts"]} == {"127.0.0.1"}  # loopback only
 
