@@ -108,7 +108,9 @@ def _another_value(key: str, value):
 
 def test_train_config_takes_every_field_from_params():
     """Change each params key TrainConfig reads, one at a time: the phase that reads it sees it."""
-    base = flatten(validate({"semi": {"delta": 1.0, "fraction": 0.1}, "model": {"I": 2, "K": [2, 2]}}).to_dict())  # labels, two binary blocks: the semi levers apply
+    # labels, two binary blocks: the semi levers apply; CelebA: train.hflip applies
+    base = flatten(validate({"semi": {"delta": 1.0, "fraction": 0.1}, "model": {"I": 2, "K": [2, 2]},
+                             "data": {"name": "celeba"}}).to_dict())
     for key, phase in _phase_keys().items():
         new = _another_value(key, SCHEMA[key].default)
         params = validate(unflatten(base | {key: new}))
@@ -397,10 +399,10 @@ def test_readme_quotes_the_celeba_seeds_and_the_runs_before_the_levers_as_their_
 def test_typed_params_keep_the_fingerprints_the_plain_dicts_had():
     """A fingerprint takes typed params (and a phase's TrainConfig) as the plain dict of their values, so typing
     params re-keyed nothing: the default params' fingerprint is the one commit c4ace19 computed from its plain
-    dict (a40aee002ead7f83; 26034826982e1851 since semi.balance was added). Changing a default or adding a key re-keys every result on purpose: record the new
+    dict (a40aee002ead7f83; 26034826982e1851 since semi.balance was added; 76cc0ba250ad40ed since train.hflip). Changing a default or adding a key re-keys every result on purpose: record the new
     value here then, and say so in the commit."""
     import dataclasses
     params = validate({})
-    assert provenance.fingerprint(params) == provenance.fingerprint(params.to_dict()) == "26034826982e1851"
+    assert provenance.fingerprint(params) == provenance.fingerprint(params.to_dict()) == "76cc0ba250ad40ed"
     config = train_config(params, "joint")
     assert provenance.fingerprint("joint", config) == provenance.fingerprint("joint", dataclasses.asdict(config))
