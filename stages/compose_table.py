@@ -3,6 +3,11 @@
     python stages/preset.py mnist_compose -n NAME -S semi.swap_weight=10.0 ...   # a run (about 25 minutes)
     python stages/diagnose.py NAME                                             # its diagnostics report
     python stages/compose_table.py mnist_compose mnist_compose_klz1 NAME ...
+    python stages/compose_table.py A B C --committed A B      # A and B as committed, C from its experiment
+
+--committed NAME ... takes those runs' rows from the committed reports/mnist_compose.csv (their files stay
+as committed in reports/mnist_compose/NAME/), so that a table can gain a run on a machine whose DVC
+experiments do not hold the earlier ones.
 
 One row per experiment: what it changed from the preset as it was at the run's commit, its test bound,
 the accuracy of argmax q(r|x), the judge's agreement with clamped samples beside the judge's own test
@@ -26,6 +31,18 @@ from fmvae.reporting.tables import write_table
 COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties.json", "reports/provenance.json",
           "reports/figures/samples_grid.png", "reports/figures/clusters.png", "reports/figures/training_curves.png"]
 PRESET = "mnist_compose"
+
+
+def committed_row(name: str) -> dict:
+    """A run's row as the committed table holds it (its `code` is worked out again from its committed folder)."""
+    import pandas as pd
+    table = REPORTS / "mnist_compose.csv"
+    rows = pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["run"])
+    rows = rows[rows["run"] == name].drop(columns=["code"])
+    if len(rows) != 1 or not (REPORTS / PRESET / name / "provenance.json").exists():
+        raise SystemExit(f"error: --committed {name}: no row in reports/mnist_compose.csv with its folder "
+                         f"reports/mnist_compose/{name}/")
+    return rows.iloc[0].to_dict()
 
 
 def run_row(name: str) -> dict:
@@ -58,8 +75,13 @@ def run_row(name: str) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiments", nargs="+", help="names of finished mnist_compose experiments, diagnosed")
+    parser.add_argument("--committed", nargs="+", default=[],
+                        help="experiments among those named whose rows are taken from the committed table")
     args = parser.parse_args()
+    if unknown := set(args.committed) - set(args.experiments):
+        raise SystemExit(f"error: --committed {' '.join(sorted(unknown))}: not among the experiments")
     import pandas as pd
-    table = pd.DataFrame([run_row(name) for name in args.experiments])
+    kept = {name: committed_row(name) for name in args.committed}  # read before the table is rewritten
+    table = pd.DataFrame([kept[name] if name in kept else run_row(name) for name in args.experiments])
     write_table(runs.with_code_column(runs.COMPOSE_TABLE, table), REPORTS / "mnist_compose")
     print(table.to_string(index=False))

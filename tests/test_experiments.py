@@ -148,3 +148,11 @@ def test_a_tiny_mnist_compose_with_both_levers_runs_end_to_end_and_is_tabled(rep
     assert row.run == "tiny_compose" and row.agreement == props["agreement_digit"]
     assert row.round_trip == report["properties"][0]["round_trip"]
     assert "semi.swap_weight=1.0" in row.changed and "semi.adversary_weight=1.0" in row.changed
+    # regrouped as committed: the same table, from the committed row, with the run's diagnostics gone
+    tabled = (repo / "reports/mnist_compose.csv").read_bytes()
+    (repo / "reports/diagnostics/tiny_compose.json").unlink()
+    run(["python", "stages/compose_table.py", "tiny_compose", "--committed", "tiny_compose"], repo)
+    assert (repo / "reports/mnist_compose.csv").read_bytes() == tabled
+    unknown = run(["python", "stages/compose_table.py", "tiny_compose", "--committed", "nope"], repo, check=False)
+    assert unknown.returncode != 0 and "--committed nope: not among the experiments" in unknown.stderr
+    assert (repo / "reports/mnist_compose.csv").read_bytes() == tabled
