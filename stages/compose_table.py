@@ -33,16 +33,19 @@ COPIED = ["dvc.lock", "params.yaml", "reports/metrics.json", "reports/properties
 PRESET = "mnist_compose"
 
 
-def committed_row(name: str) -> dict:
-    """A run's row as the committed table holds it (its `code` is worked out again from its committed folder)."""
+def committed_rows(names: list[str]) -> dict[str, dict]:
+    """The runs' rows as the committed table holds them (each `code` is worked out again from its committed folder)."""
     import pandas as pd
     table = REPORTS / "mnist_compose.csv"
-    rows = pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["run"])
-    rows = rows[rows["run"] == name].drop(columns=["code"])
-    if len(rows) != 1 or not (REPORTS / PRESET / name / "provenance.json").exists():
-        raise SystemExit(f"error: --committed {name}: no row in reports/mnist_compose.csv with its folder "
-                         f"reports/mnist_compose/{name}/")
-    return rows.iloc[0].to_dict()
+    rows = (pd.read_csv(table) if table.exists() else pd.DataFrame(columns=["run", "code"])).drop(columns=["code"])
+    kept = {}
+    for name in names:
+        row = rows[rows["run"] == name]
+        if len(row) != 1 or not (REPORTS / PRESET / name / "provenance.json").exists():
+            raise SystemExit(f"error: --committed {name}: no row in reports/mnist_compose.csv with its folder "
+                             f"reports/mnist_compose/{name}/")
+        kept[name] = row.iloc[0].to_dict()
+    return kept
 
 
 def run_row(name: str) -> dict:
@@ -81,7 +84,7 @@ if __name__ == "__main__":
     if unknown := set(args.committed) - set(args.experiments):
         raise SystemExit(f"error: --committed {' '.join(sorted(unknown))}: not among the experiments")
     import pandas as pd
-    kept = {name: committed_row(name) for name in args.committed}  # read before the table is rewritten
+    kept = committed_rows(args.committed)  # read before the table is rewritten
     table = pd.DataFrame([kept[name] if name in kept else run_row(name) for name in args.experiments])
     write_table(runs.with_code_column(runs.COMPOSE_TABLE, table), REPORTS / "mnist_compose")
     print(table.to_string(index=False))

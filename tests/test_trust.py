@@ -375,7 +375,7 @@ def test_readme_quotes_figure3_and_the_composition_runs_as_committed():
     quoted = lambda col, fmt: " / ".join(format(r[col], fmt) for r in seeds)
     assert f"| {quoted('agreement', '.3f')} | {quoted('acc', '.3f')} | {quoted('elbo', '.2f')} |" in readme
     assert f"| {quoted('free_components_2pct', 'd')} | {quoted('free_nmi', '.3f')} |" in readme
-    spread = lambda col: f"{pd.Series([r[col] for r in seeds]).mean():.3f} (sd {pd.Series([r[col] for r in seeds]).std():.3f}"
+    spread = lambda col: (lambda v: f"{v.mean():.3f} (sd {v.std():.3f}")(pd.Series([r[col] for r in seeds]))
     assert f"agreement is {spread('agreement')}" in readme and f"accuracy {spread('acc')}" in readme
 
 
