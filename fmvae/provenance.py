@@ -24,8 +24,9 @@ def git_commit() -> str:
 
 
 def host() -> dict:
-    """The machine a number came from: CPU model, cores, torch's CPU threads, GPU if any (hosts of one
-    kind differ several-fold in speed, and the thread count changes the floating-point sums)."""
+    """The machine a number came from: CPU model, torch's CPU kernel set, cores, torch's CPU threads, GPU
+    if any (hosts of one kind differ several-fold in speed; the thread count and the kernel set, AVX2
+    against AVX512 on two hosts that both call themselves "AMD EPYC", change the floating-point sums)."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
@@ -33,7 +34,7 @@ def host() -> dict:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu}
 
 
 # the direct dependencies whose versions provenance records (pyproject.toml's, and numpy under torch): the

@@ -110,9 +110,9 @@ def test_judge_learns_the_synthetic_properties():
     assert min(acc) > 0.9
 
 
-def test_a_cached_judge_is_trained_once_per_data_steps_seed_and_thread_count(tmp_path, monkeypatch):
+def test_a_cached_judge_is_trained_once_per_data_steps_seed_threads_and_cpu_kernels(tmp_path, monkeypatch):
     """cached_judge reads back the judge train_judge gave (the same weights and accuracies) for the same
-    data, steps, seed and thread count; any of them changed trains another; a corrupted file is trained
+    data, steps, seed, thread count and CPU kernel set; any of them changed trains another; a corrupted file is trained
     again and replaced, never trusted."""
     monkeypatch.setenv("FMVAE_CACHE", str(tmp_path))
     trained = []
@@ -132,16 +132,21 @@ def test_a_cached_judge_is_trained_once_per_data_steps_seed_and_thread_count(tmp
         judge.cached_judge(ds, 20, seed=0)
     finally:
         torch.set_num_threads(threads)
-    assert trained == [0, 1, 0, 0, 0]
+    with monkeypatch.context() as other_host:  # the same CPU model name with another kernel set (AVX512 / AVX2)
+        capability = torch.backends.cpu.get_cpu_capability()
+        other_host.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability + "_other")
+        judge.cached_judge(ds, 20, seed=0)
+    assert trained == [0, 1, 0, 0, 0, 0]
+    host = judge.provenance.host()
     (kept,) = [p for p in (tmp_path / "judges").glob("*.pt")
-               if p.name.startswith(judge.provenance.fingerprint(judge.data_digest(ds), 20, 0, threads,
-                                                                  judge.provenance.host()["cpu"], torch.__version__,
+               if p.name.startswith(judge.provenance.fingerprint(judge.data_digest(ds), 20, 0, threads, host["cpu"],
+                                                                  host["cpu_capability"], torch.__version__,
                                                                   judge.hashlib.sha256(Path(judge.__file__).read_bytes()).hexdigest()))]
     kept.write_bytes(kept.read_bytes()[:-10])
     judge.cached_judge(ds, 20, seed=0)
-    assert trained == [0, 1, 0, 0, 0, 0]
+    assert trained == [0, 1, 0, 0, 0, 0, 0]
     judge.cached_judge(ds, 20, seed=0)
-    assert len(trained) == 6
+    assert len(trained) == 7
 
 
 def test_matched_accuracy_is_permutation_invariant_and_counts_unmatched_as_errors():

@@ -72,11 +72,12 @@ def data_digest(ds) -> str:
 def cached_judge(ds, iters: int, seed: int) -> tuple[PropertyClassifier, list[float]]:
     """train_judge(ds, iters, seed) on the CPU, trained once and kept in FMVAE_CACHE/judges (default
     ~/.cache/fmvae; checksummed, written atomically) under a key of everything its weights depend on: the
-    data, the steps, the seed, the thread count and CPU (other float sums: another judge), torch's version
+    data, the steps, the seed, the thread count, CPU and torch's CPU kernel set (other float sums: another judge), torch's version
     and this module's source. The CelebA table and the diagnostics of one run each need that run's judge
     (nine minutes on one thread of the 2-core host): the second reads it back."""
-    key = provenance.fingerprint(data_digest(ds), iters, seed, torch.get_num_threads(), provenance.host()["cpu"],
-                                 torch.__version__, hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
+    host = provenance.host()
+    key = provenance.fingerprint(data_digest(ds), iters, seed, torch.get_num_threads(), host["cpu"],
+                                 host["cpu_capability"], torch.__version__, hashlib.sha256(Path(__file__).read_bytes()).hexdigest())
     path = cache_root() / "judges" / f"{key}.pt"
     clf = PropertyClassifier(ds.x_shape[0], ds.property_K)
     try:

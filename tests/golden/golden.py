@@ -64,7 +64,7 @@ PARAMS = {
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "cpu": host()["cpu"], "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    return {"torch": torch.__version__, "cpu": host()["cpu"], "cpu_capability": host()["cpu_capability"],
             "threads": 1}
 
 
