@@ -3,6 +3,7 @@ for bit on the host it was recorded on and within golden.REL elsewhere; that tol
 accumulated in another order and fails a real change, and a pure move of a function passes."""
 import importlib.util
 import json
+import subprocess
 import sys
 
 import pytest
@@ -79,3 +80,22 @@ def test_the_bitwise_comparison_sees_any_change(change):
                                                         torch.tensor(0.0, dtype=torch.float64)))
     assert golden.compare(got, RECORDED, bitwise=True)
     assert not golden.compare(got, RECORDED, bitwise=False)
+
+
+def test_relock_off_the_recorded_host_needs_the_locked_commits_numbers_bit_for_bit(monkeypatch):
+    """Off the host golden.json was recorded on, --relock reruns the golden run of the commit whose sources
+    dvc.lock records, here, and relocks only if this code gives it bit for bit: unchanged code does (when the
+    work tree's training code is HEAD's), a summation order within the tolerance does not, and dvc.lock is
+    left as it was."""
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "fmvae", "tests/golden"], cwd=ROOT).returncode == 0
+    if clean:
+        assert golden.compare(golden.run(), {"result": golden.run_at("HEAD")}, bitwise=True) == []
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.Linear, "forward", lambda self, x: ReorderedLinear.apply(x, self.weight, self.bias))
+        reordered = golden.run()
+    monkeypatch.setattr(golden, "run", lambda: reordered)
+    monkeypatch.setattr(golden, "environment", lambda: RECORDED["environment"] | {"cpu_capability": "another"})
+    lock = (ROOT / "dvc.lock").read_bytes()
+    with pytest.raises(SystemExit, match="refused: the golden run compared bit for bit against .* rerun on this host"):
+        golden.relock()
+    assert (ROOT / "dvc.lock").read_bytes() == lock

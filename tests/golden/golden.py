@@ -3,6 +3,7 @@
     python tests/golden/golden.py            # run it, compare with golden.json, say which comparison
     python tests/golden/golden.py --record   # write golden.json anew (a commit that moves numbers on purpose)
     python tests/golden/golden.py --relock   # a neutral refactor: record dvc.yaml's new code deps in dvc.lock
+                                             # (off the recorded host: neutral against the code dvc.lock records)
 
 The paths, through the phases of fmvae.core.phases with each phase's TrainConfig built from params by
 fmvae.params.train_config (as the pipeline builds it), on factorial vectors (fmvae.data.factorial_vectors:
@@ -27,7 +28,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -146,13 +149,42 @@ def compare(got: dict, recorded: dict, bitwise: bool, rel: float = REL) -> list[
     return bad
 
 
+def run_at(commit: str) -> dict:
+    """The golden run of another commit's code on this host: the commit checked out in a temporary git
+    worktree, its own golden.py's run() in a fresh interpreter (its tests/golden puts that tree's fmvae
+    first on the path), the result read back as JSON (floats round-trip exactly)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), commit], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            code = ("import fmvae, json, runpy, sys; g = runpy.run_path('tests/golden/golden.py'); "
+                    "assert fmvae.__file__.startswith(sys.argv[1]), fmvae.__file__; print(json.dumps(g['run']()))")
+            out = subprocess.run([sys.executable, "-c", code, str(tree)], cwd=tree, check=True, capture_output=True,
+                                 text=True).stdout
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, capture_output=True)
+    return json.loads(out.splitlines()[-1])
+
+
 def relock() -> None:
-    """After a change the golden run shows to be neutral (bit for bit, on its recorded host): record the
-    stages' new code deps in dvc.lock with DVC's own hashing (Stage.save_deps), keeping every output as
-    recorded, so that the default run needs no retraining for a moved function or a slimmer import. The
-    outputs may be absent (a fresh clone's DVC cache is empty); an output present is checked too."""
+    """After a change the golden run shows to be neutral, record the stages' new code deps in dvc.lock
+    with DVC's own hashing (Stage.save_deps), keeping every output as recorded, so that the default run
+    needs no retraining for a moved function or a slimmer import. Neutral means equal bit for bit: on the
+    recorded host, to golden.json; on any other host, to the golden run of the commit whose sources
+    dvc.lock records (fmvae.reporting.runs), run here too, so that no host is needed but the one at hand.
+    The outputs may be absent (a fresh clone's DVC cache is empty); an output present is checked too."""
     from dvc.repo import Repo
-    how, failures = check()
+
+    from fmvae.reporting import runs
+    got = run()
+    how, failures = check(got)
+    if not failures and not how.startswith("bit for bit"):
+        base = runs.newest_matching_ancestor(ROOT / "dvc.lock")
+        if base is None:
+            sys.exit("refused: off the golden run's recorded host, and no commit has the sources dvc.lock records")
+        failures = compare(got, {"result": run_at(base)}, bitwise=True)
+        how = f"bit for bit against {base[:7]} (the sources dvc.lock records), rerun on this host"
     if failures or not how.startswith("bit for bit"):
         sys.exit(f"refused: the golden run compared {how}: {failures or 'not on its recorded host'}")
     repo = Repo(str(ROOT))
@@ -162,7 +194,7 @@ def relock() -> None:
             stage.save_deps(allow_missing=True)
             stage.save_outs(allow_missing=True)
         stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
-    print(f"golden run equal bit for bit: dvc.lock records the code deps of {len(stages)} stages")
+    print(f"golden run equal {how}: dvc.lock records the code deps of {len(stages)} stages")
 
 
 def check(got: dict | None = None) -> tuple[str, list[str]]:
