@@ -188,16 +188,13 @@ def relock() -> None:
     if failures or not how.startswith("bit for bit"):
         sys.exit(f"refused: the golden run compared {how}: {failures or 'not on its recorded host'}")
     repo = Repo(str(ROOT))
-    relocked = 0
-    with repo.lock:  # the default run's dvc.yaml and the sweep's (its trials train on the same sources)
-        for dvcfile in (ROOT / "dvc.yaml", ROOT / "sweep" / "dvc.yaml"):
-            stages = [s for s in repo.index.stages if Path(s.path) == dvcfile]
-            for stage in stages:
-                stage.save_deps(allow_missing=True)
-                stage.save_outs(allow_missing=True)
-            stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
-            relocked += len(stages)
-    print(f"golden run equal {how}: dvc.lock and sweep/dvc.lock record the code deps of {relocked} stages")
+    with repo.lock:
+        stages = [s for s in repo.index.stages if Path(s.path).name == "dvc.yaml" and Path(s.path).parent == ROOT]
+        for stage in stages:
+            stage.save_deps(allow_missing=True)
+            stage.save_outs(allow_missing=True)
+        stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
+    print(f"golden run equal {how}: dvc.lock records the code deps of {len(stages)} stages")
 
 
 def check(got: dict | None = None) -> tuple[str, list[str]]:
