@@ -110,9 +110,10 @@ def recorded_commit(folder: Path, lock_file: Path | None = None) -> str | None:
 
 def run_code(folder: Path, lock_file: Path | None = None) -> RunCode:
     """Check a committed run and say whose code it is. The lock (folder/dvc.lock unless given) must
-    match the sources at the commit the run names, which must be an ancestor of HEAD, or else HEAD's
-    (a lock recorded anew after a change the golden run shows neutral); a run that names no commit,
-    or whose lock matches neither, is refused (RunCodeError)."""
+    match the sources at the commit the run names, which must be an ancestor of HEAD, or else (a lock
+    recorded anew after a change the golden run shows neutral) those at the commit that last wrote the
+    lock, or HEAD's before that commit is made; a run that names no commit, or whose lock matches none
+    of them, is refused (RunCodeError)."""
     lock = yaml.safe_load((lock_file or folder / "dvc.lock").read_text())
     deps = code_deps(lock)
     if not deps:
@@ -125,11 +126,15 @@ def run_code(folder: Path, lock_file: Path | None = None) -> RunCode:
     if not full or not is_ancestor(full):
         raise RunCodeError(f"{folder}: its commit {commit[:7]} is not an ancestor of HEAD")
     bad = mismatches(deps, full)
-    if bad and mismatches(deps, head()):
-        raise RunCodeError(f"{folder}: its dvc.lock matches neither the sources at its commit {full[:7]} nor "
-                           f"HEAD's: {', '.join(bad)}")
-    if bad:  # its lock was brought to HEAD's sources since (golden.py --relock: a change shown neutral)
-        full = head()
+    if bad:  # its lock was recorded anew since (golden.py --relock: a change the golden run shows neutral):
+        # it then matches the sources of the commit that wrote it, or HEAD's before that commit is made
+        lock_path = Path(lock_file or folder / "dvc.lock").resolve()
+        wrote = git("log", "-1", "--format=%H", "--", str(lock_path.relative_to(ROOT)), check=False)
+        relocked = next((c for c in (wrote, head()) if c and not mismatches(deps, c)), None)
+        if relocked is None:
+            raise RunCodeError(f"{folder}: its dvc.lock matches neither the sources at its commit {full[:7]}, "
+                               f"nor at the commit that last wrote it, nor HEAD's: {', '.join(bad)}")
+        full = relocked
     version = code_version(deps)
     return RunCode(folder, full, version, version == head() and training_sources_at_head() <= covered(deps))
 

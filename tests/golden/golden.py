@@ -169,32 +169,44 @@ def run_at(commit: str) -> dict:
 
 def relock() -> None:
     """After a change the golden run shows to be neutral, record the stages' new code deps in dvc.lock
-    with DVC's own hashing (Stage.save_deps), keeping every output as recorded, so that the default run
-    needs no retraining for a moved function or a slimmer import. Neutral means equal bit for bit: on the
-    recorded host, to golden.json; on any other host, to the golden run of the commit whose sources
-    dvc.lock records (fmvae.reporting.runs), run here too, so that no host is needed but the one at hand.
+    and sweep/dvc.lock (the sweep's trials train on the same sources) with DVC's own hashing
+    (Stage.save_deps), keeping every output as recorded, so that neither the default run nor the sweep
+    needs retraining for a moved function or a slimmer import. Neutral means equal bit for bit: on the
+    recorded host, to golden.json; on any other host, to the golden run of each commit whose sources a
+    lock records (fmvae.reporting.runs), run here too, so that no host is needed but the one at hand.
+    The commit that writes a lock is then the one its run is checked against (runs.run_code).
     The outputs may be absent (a fresh clone's DVC cache is empty); an output present is checked too."""
     from dvc.repo import Repo
 
     from fmvae.reporting import runs
+    dvcfiles = [ROOT / "dvc.yaml", ROOT / "sweep" / "dvc.yaml"]
     got = run()
     how, failures = check(got)
     if not failures and not how.startswith("bit for bit"):
-        base = runs.newest_matching_ancestor(ROOT / "dvc.lock")
-        if base is None:
-            sys.exit("refused: off the golden run's recorded host, and no commit has the sources dvc.lock records")
-        failures = compare(got, {"result": run_at(base)}, bitwise=True)
-        how = f"bit for bit against {base[:7]} (the sources dvc.lock records), rerun on this host"
+        bases = {}
+        for dvcfile in dvcfiles:
+            base = runs.newest_matching_ancestor(dvcfile.with_suffix(".lock"))
+            if base is None:
+                sys.exit(f"refused: off the golden run's recorded host, and no commit has the sources "
+                         f"{dvcfile.with_suffix('.lock').relative_to(ROOT)} records")
+            bases.setdefault(base, []).append(dvcfile.with_suffix(".lock").relative_to(ROOT))
+        for base, locks in bases.items():
+            failures += compare(got, {"result": run_at(base)}, bitwise=True)
+        how = "bit for bit against " + ", ".join(f"{base[:7]} (the sources {' and '.join(map(str, locks))} "
+                                                 f"records)" for base, locks in bases.items()) + ", rerun on this host"
     if failures or not how.startswith("bit for bit"):
         sys.exit(f"refused: the golden run compared {how}: {failures or 'not on its recorded host'}")
     repo = Repo(str(ROOT))
+    relocked = 0
     with repo.lock:
-        stages = [s for s in repo.index.stages if Path(s.path).name == "dvc.yaml" and Path(s.path).parent == ROOT]
-        for stage in stages:
-            stage.save_deps(allow_missing=True)
-            stage.save_outs(allow_missing=True)
-        stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
-    print(f"golden run equal {how}: dvc.lock records the code deps of {len(stages)} stages")
+        for dvcfile in dvcfiles:
+            stages = [s for s in repo.index.stages if Path(s.path) == dvcfile]
+            for stage in stages:
+                stage.save_deps(allow_missing=True)
+                stage.save_outs(allow_missing=True)
+            stages[0].dvcfile.dump_stages(stages, update_pipeline=False)
+            relocked += len(stages)
+    print(f"golden run equal {how}: dvc.lock and sweep/dvc.lock record the code deps of {relocked} stages")
 
 
 def check(got: dict | None = None) -> tuple[str, list[str]]:
