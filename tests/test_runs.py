@@ -56,7 +56,7 @@ def test_a_run_whose_lock_matches_neither_its_commit_nor_head_is_refused(tmp_pat
             if dep["path"] == "fmvae/prior.py":
                 dep["md5"] = "0" * 32  # the run (at 2b1fe3c) says it ran on another prior.py
     (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
-    with pytest.raises(runs.RunCodeError, match=f"matches neither the sources at its commit {code.commit[:7]} "
+    with pytest.raises(runs.RunCodeError, match=f"matches neither the sources at its commit {code.commit[:7]}, "
                                                 r"nor HEAD's: fmvae/prior.py"):
         runs.run_code(folder)
 

@@ -129,11 +129,13 @@ def run_code(folder: Path, lock_file: Path | None = None) -> RunCode:
     if bad:  # its lock was recorded anew since (golden.py --relock: a change the golden run shows neutral):
         # it then matches the sources of the commit that wrote it, or HEAD's before that commit is made
         lock_path = Path(lock_file or folder / "dvc.lock").resolve()
-        wrote = git("log", "-1", "--format=%H", "--", str(lock_path.relative_to(ROOT)), check=False)
+        wrote = (git("log", "-1", "--format=%H", "--", str(lock_path.relative_to(ROOT)), check=False)
+                 if lock_path.is_relative_to(ROOT) else "")
         relocked = next((c for c in (wrote, head()) if c and not mismatches(deps, c)), None)
         if relocked is None:
-            raise RunCodeError(f"{folder}: its dvc.lock matches neither the sources at its commit {full[:7]}, "
-                               f"nor at the commit that last wrote it, nor HEAD's: {', '.join(bad)}")
+            raise RunCodeError(f"{folder}: its dvc.lock matches neither the sources at its commit {full[:7]}"
+                               f"{', nor at the commit that last wrote it' if wrote else ''}, nor HEAD's: "
+                               f"{', '.join(bad)}")
         full = relocked
     version = code_version(deps)
     return RunCode(folder, full, version, version == head() and training_sources_at_head() <= covered(deps))
