@@ -1,6 +1,6 @@
 """The CelebA table, figures and factor table from named DVC experiments (section 4.2):
 
-    python stages/preset.py celeba_cpu                               # seed 0, under an hour on 2 cores
+    python stages/preset.py celeba_cpu                               # seed 0, about two hours on 2 cores
     python stages/preset.py celeba_cpu -n celeba_cpu_seed1 -S seed=1
     python stages/celeba_table.py celeba_cpu celeba_cpu_seed1
     python stages/celeba_table.py celeba_cpu celeba_cpu_seed1 --variant NAME ...   # and runs that changed params
