@@ -221,7 +221,8 @@ def check(got: dict | None = None) -> tuple[str, list[str]]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--record", action="store_true", help="write golden.json from this run")
-    parser.add_argument("--relock", action="store_true", help="record the code deps in dvc.lock and sweep/dvc.lock if neutral")
+    parser.add_argument("--relock", action="store_true",
+                        help="record the code deps in dvc.lock and sweep/dvc.lock if neutral")
     args = parser.parse_args()
     if args.relock:
         relock()
