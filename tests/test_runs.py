@@ -151,6 +151,80 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
     assert set(celeba["code"]) == {label_there(ROOT / "reports/celeba" / first)}
 
 
+RELOCKED_RUN = """
+import json, sys
+from pathlib import Path
+import yaml
+from fmvae.reporting import runs
+stage, folder = sys.argv[1], Path("reports/celeba/scratch_relocked")
+if stage == "relock":  # golden.py --relock's result: the lock recorded anew for the sources at HEAD
+    lock = yaml.safe_load(Path("dvc.lock").read_text())
+    for step in lock["stages"].values():
+        for dep in step.get("deps", []):
+            if dep["path"].startswith(runs.CODE_FOLDERS):
+                dep["md5"] = runs.md5_at(runs.head(), dep["path"])
+    (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
+elif stage == "check":
+    deps = runs.code_deps(yaml.safe_load((folder / "dvc.lock").read_text()))
+    own = json.loads((folder / "provenance.json").read_text())["git_commit"]
+    code = runs.run_code(folder)
+    print(json.dumps({"own_mismatches": runs.mismatches(deps, own), "head_mismatches": runs.mismatches(deps, runs.head()),
+                      "commit": code.commit, "label": code.label}))
+"""
+
+
+def test_a_relocked_run_stays_valid_after_a_later_training_commit(tmp_path):
+    """A run whose lock golden.py --relock recorded anew (its sources then HEAD's, its named commit older)
+    matches neither its own commit's sources nor, after a later training commit, HEAD's: run_code accepts it
+    as a run of the sources at the commit that last wrote its lock, labelled with that code version, and
+    refuses it again once its lock is edited to match none of them."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    prior = clone / "fmvae/core/prior.py"
+
+    def edit_and_commit(old: str, new: str, message: str) -> str:
+        prior.write_text(prior.read_text().replace(old, new, 1))
+        subprocess.run([*git, "commit", "-qam", message], cwd=clone, check=True)
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+
+    def script(stage: str) -> subprocess.CompletedProcess:
+        return run_in(clone, sys.executable, "-c", RELOCKED_RUN, stage)
+
+    folder = clone / "reports/celeba/scratch_relocked"
+    folder.mkdir()
+    old = runs.run_code(ROOT / "reports/celeba/celeba_levers").commit  # an ancestor with other sources
+    (folder / "provenance.json").write_text(json.dumps({"git_commit": old}))
+    edit_and_commit("(sections 2.1-2.6).", "(sections 2.1 to 2.6).", "scratch: a training change")
+    assert script("relock").returncode == 0
+    subprocess.run([*git, "add", str(folder)], cwd=clone, check=True)
+    subprocess.run([*git, "commit", "-qm", "scratch: relock"], cwd=clone, check=True)
+    relocked = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
+    at_relock = script("check")
+    assert at_relock.returncode == 0, at_relock.stderr[-2000:]
+    found = json.loads(at_relock.stdout)
+    assert found["own_mismatches"] and not found["head_mismatches"]
+    assert (found["commit"], found["label"]) == (relocked, "HEAD")
+
+    later = edit_and_commit("(sections 2.1 to 2.6).", "(sections 2.1 - 2.6).", "scratch: a later training change")
+    after = script("check")
+    assert after.returncode == 0, after.stderr[-2000:]  # neither its own commit's sources nor HEAD's: the relock's
+    found = json.loads(after.stdout)
+    assert found["own_mismatches"] and found["head_mismatches"] == ["fmvae/core"]
+    assert (found["commit"], found["label"]) == (relocked, relocked[:7]) and later != relocked
+
+    lock = yaml.safe_load((folder / "dvc.lock").read_text())
+    for step in lock["stages"].values():
+        for dep in step.get("deps", []):
+            if dep["path"] == "fmvae/io.py":
+                dep["md5"] = "0" * 32  # the lock now says it ran on an io.py no commit had
+    (folder / "dvc.lock").write_text(yaml.safe_dump(lock))
+    refused = script("check")
+    assert refused.returncode == 1 and (f"matches neither the sources at its commit {old[:7]}, nor at the commit "
+                                        "that last wrote it, nor HEAD's: ") in refused.stderr, refused.stderr[-2000:]
+    assert "fmvae/io.py" in refused.stderr.splitlines()[-1].split("nor HEAD's: ")[1].split(", ")
+
+
 @pytest.mark.parametrize("report", sorted((ROOT / "reports/diagnostics").glob("*.json")), ids=lambda p: p.stem)
 def test_a_diagnostics_report_names_the_code_that_trained_and_measured_it(report):
     """stages/diagnose.py's reports: the run trained at an ancestor of HEAD with its preset's values as they
