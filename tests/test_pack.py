@@ -22,6 +22,11 @@ KS, SEEDS = [2, 16, 64, 512], [0, 1, 2, 3]
 # a pack member against its trial alone: vmapped (bmm) and plain (mm) products sum in another order on
 # some CPUs (see the trial-alone resume test); every term within this fraction of the bound's size
 CROSS_PATH_REL = 1e-4
+# ... except the gradient's norm, which is not in nats and is more sensitive than the terms: compared with
+# itself. Over 200 joint steps with the batch summed in reverse order (the tolerance test) it moved by
+# 4e-4 of itself on an Intel Xeon host, where 1e-4 of the bound (2.5e-4 of it) failed though the terms in
+# nats stayed within 1.1e-5 of the bound; a learning rate 10% larger moves it by 0.17 (the bound by 0.03)
+GRAD_NORM_REL = 1e-2
 
 
 def member_models(ks=KS, seeds=SEEDS, arch="mlp", x=X, D=2):
@@ -42,14 +47,14 @@ def config(seed, iters=200, **kw):
                           "snapshot_every": 50, "checkpoint_every_s": 0.0} | kw)
 
 
-def assert_same_curves(packed, alone, rel, grad_rel=None):
-    """Every term within rel x |bound| of the trial alone's; grad_norm within grad_rel of itself if given."""
+def assert_same_curves(packed, alone, rel, grad_rel=GRAD_NORM_REL):
+    """Every term within rel x |bound| of the trial alone's; grad_norm within grad_rel of itself."""
     assert len(packed) == len(alone) > 0
     for a, b in zip(packed, alone):
         assert a.keys() == b.keys()
         scale = abs(b.get("bound", b.get("elbo")))
         for k in b:
-            tol = grad_rel * b[k] if k == "grad_norm" and grad_rel is not None else rel * scale
+            tol = grad_rel * b[k] if k == "grad_norm" else rel * scale
             assert abs(a[k] - b[k]) <= tol, (a["step"], k, a[k], b[k])
 
 
@@ -83,7 +88,7 @@ def test_a_pack_of_convolutional_members_matches_their_trials_alone(tmp_path):
     """conv28 under vmap runs grouped convolutions, which round differently from one network's: over
     30 joint iterations on random pixels (no pre-training: the chaotic first steps, gradient norms of
     50 to 400) the bound's terms agree within 3e-5 of the bound (asserted: 1e-4) and the gradient's
-    norm within 3.5e-3 of itself (asserted: 1e-2), not to the last bit as the MLP's do."""
+    norm within 3.5e-3 of itself (asserted: GRAD_NORM_REL), not to the last bit as the MLP's do."""
     x = (torch.rand(500, 1, 28, 28, generator=torch.Generator().manual_seed(0)) > 0.8).float()
     data = TrainData(x, lambda t: t)
     ks, seeds = [2, 8], [0, 1]
@@ -91,7 +96,7 @@ def test_a_pack_of_convolutional_members_matches_their_trials_alone(tmp_path):
     curves = train_pack("joint", member_models(ks, seeds, "conv28", x, 4), data, [config(s, iters=30) for s in seeds],
                         [tmp_path / f"pack{s}" for s in seeds], ["fp"] * 2)
     for m in range(2):
-        assert_same_curves(curves[m], alone[m], rel=CROSS_PATH_REL, grad_rel=1e-2)
+        assert_same_curves(curves[m], alone[m], rel=CROSS_PATH_REL)
 
 
 def test_a_member_with_a_non_finite_term_stops_alone(tmp_path, monkeypatch):
