@@ -364,7 +364,7 @@ def test_the_committed_celeba_table_belongs_to_its_runs_the_preset_and_this_code
 def test_readme_quotes_figure3_and_the_composition_runs_as_committed():
     """The README's Figure 3 sentence quotes reports/sweep/summary.json (best K, its bound, the paired gain)
     and its composition table the preset's seeds (0-3), with their mean and standard deviation, as
-    reports/mnist_compose.csv has them."""
+    reports/mnist_compose.csv has them (accuracy to four decimals)."""
     import pandas as pd
     readme = (ROOT / "README.md").read_text().replace("\n", " ")
     for dataset, s in json.loads((ROOT / "reports/sweep/summary.json").read_text()).items():
@@ -373,7 +373,8 @@ def test_readme_quotes_figure3_and_the_composition_runs_as_committed():
     table = pd.read_csv(ROOT / "reports/mnist_compose.csv").set_index("run")
     seeds = [table.loc[f"mnist_compose_klz1_swap_adversary{s}"] for s in ("", "_seed1", "_seed2", "_seed3")]
     quoted = lambda col, fmt: " / ".join(format(r[col], fmt) for r in seeds)
-    assert f"| {quoted('agreement', '.3f')} | {quoted('acc', '.3f')} | {quoted('elbo', '.2f')} |" in readme
+    # accuracy to the test image (1 / 2000): at three decimals 0.9495 would read as meeting the 0.95 target
+    assert f"| {quoted('agreement', '.3f')} | {quoted('acc', '.4f')} | {quoted('elbo', '.2f')} |" in readme
     assert f"| {quoted('free_components_2pct', 'd')} | {quoted('free_nmi', '.3f')} |" in readme
     spread = lambda col: (lambda v: f"{v.mean():.3f} (sd {v.std():.3f}")(pd.Series([r[col] for r in seeds]))
     assert f"agreement is {spread('agreement')}" in readme and f"accuracy {spread('acc')}" in readme
