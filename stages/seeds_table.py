@@ -29,7 +29,7 @@ import yaml
 from _common import REPORTS, ROOT
 
 from fmvae.io import atomic_write_bytes
-from fmvae.params import flatten
+from fmvae.params import as_written
 from fmvae.reporting import runs as committed_runs
 from fmvae.reporting.experiments import full_rev, show
 from fmvae.reporting.tables import write_table
@@ -39,8 +39,9 @@ WORKSPACE = "dvc repro (workspace)"
 
 
 def changed(params: dict, default: dict) -> str:
-    """The params (other than the seed) a run set differently from params.yaml, as key=value."""
-    run, base = flatten(params), flatten(default)
+    """The params (other than the seed) a run set differently from params.yaml, as key=value; a key added to
+    params.yaml after the run counts at its default (as_written), not as a change the run made."""
+    run, base = as_written(params), as_written(default)
     return ", ".join(f"{k}={run.get(k)}" for k in sorted(run.keys() | base.keys())
                      if k != "seed" and run.get(k) != base.get(k))
 
@@ -69,8 +70,9 @@ def detrended_spread(steps, bounds):
 
 
 def experiment_files(name: str) -> dict:
-    """The run's files from its experiment's commit, copied to reports/default_runs/<name>/; where this
-    clone has no such experiment, the copies already there (a table refreshed after a training commit)."""
+    """The run's files from its experiment's commit (copied to reports/default_runs/<name>/ once the table
+    is checked); where this clone has no such experiment, the copies already there (a table refreshed after
+    a training commit)."""
     folder = REPORTS / "default_runs" / name
     try:
         rev = full_rev(name)
@@ -79,10 +81,7 @@ def experiment_files(name: str) -> dict:
             raise
         print(f"{name}: no experiment of that name here; reading its copies in {folder.relative_to(ROOT)}")
         return {path: (folder / path.split("/")[-1]).read_bytes() for path in COPIED}
-    files = {path: show(rev, path) for path in COPIED}
-    for path, data in files.items():
-        atomic_write_bytes(folder / path.split("/")[-1], data)
-    return files
+    return {path: show(rev, path) for path in COPIED}
 
 
 def summary(runs: pd.DataFrame, threads: int) -> list[dict]:
@@ -108,12 +107,15 @@ if __name__ == "__main__":
     args = parser.parse_args()
     workspace = {path: (ROOT / path).read_bytes() for path in COPIED}
     params = yaml.safe_load(workspace["params.yaml"])
-    runs = pd.DataFrame([row(WORKSPACE, workspace, params)] + [row(n, experiment_files(n), params)
-                                                                for n in args.run + args.variant])
-    for r in runs.itertuples():
+    files = {name: experiment_files(name) for name in args.run + args.variant}
+    runs = pd.DataFrame([row(WORKSPACE, workspace, params)] + [row(n, f, params) for n, f in files.items()])
+    for r in runs.itertuples():  # refused before anything is written
         if (r.run in args.variant) != bool(r.changed):
             raise SystemExit(f"error: experiment {r.run!r} changed {r.changed or 'only the seed'}; "
                              f"pass it as {'--variant' if r.changed else '--run'}")
+    for name, run_files in files.items():
+        for path, data in run_files.items():
+            atomic_write_bytes(REPORTS / "default_runs" / name / path.split("/")[-1], data)
     runs = committed_runs.with_code_column(committed_runs.DEFAULT_RUNS, runs)  # each run's code: HEAD or a commit
     threads = int(runs.loc[0, "torch_threads"])
     table = pd.concat([runs, pd.DataFrame(summary(runs, threads))], ignore_index=True)

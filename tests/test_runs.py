@@ -239,3 +239,25 @@ def test_a_diagnostics_report_names_the_code_that_trained_and_measured_it(report
     text = report.with_suffix(".md").read_text()
     for prop in found["properties"]:
         assert f"{prop['round_trip']:.3f}" in text and f"{prop['component_move_judged']:.3f}" in text
+
+
+def test_the_default_runs_table_is_rebuilt_from_its_committed_copies_byte_for_byte(tmp_path):
+    """In a clone, which holds no experiments, stages/seeds_table.py reads each run from its copy in
+    reports/default_runs/<name>/ and writes the committed table again byte for byte: a run of an older commit,
+    whose params.yaml lacks keys added since, is a seed, not a variant (a missing key counts at its default).
+    A seed passed as a variant is refused, naming it, with every file of the table as it was."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    table = read(runs.DEFAULT_RUNS)
+    named = table[table["seed"].notna() & ~table["run"].str.startswith("dvc repro")]
+    seeds = [r.run for r in named.itertuples() if not isinstance(r.changed, str)]
+    variants = [r.run for r in named.itertuples() if isinstance(r.changed, str)]
+    files = [clone / "reports/default_runs.csv", clone / "reports/default_runs.md",
+             *sorted((clone / "reports/default_runs").rglob("*"))]
+    committed = {f: f.read_bytes() for f in files if f.is_file()}
+    rebuilt = run_in(clone, sys.executable, "stages/seeds_table.py", "--run", *seeds, "--variant", *variants)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert {f: f.read_bytes() for f in committed} == committed
+    refused = run_in(clone, sys.executable, "stages/seeds_table.py", "--run", *seeds[1:], "--variant", *variants, seeds[0])
+    assert refused.returncode != 0 and f"experiment {seeds[0]!r} changed only the seed" in refused.stderr
+    assert {f: f.read_bytes() for f in committed} == committed
