@@ -120,6 +120,9 @@ class Joint:
     order: str = setting("reuse", lambda v: v in ORDERS, "one of " + ", ".join(ORDERS))
     snapshots: int = setting(5, _nonneg, ">= 0 (models kept at the last steps, for the spread of the test bound)")
     snapshot_every: int = setting(200, _pos, ">= 1 (iterations between those snapshots)")
+    revive: float = setting(0.0, lambda v: 0 <= v < 0.5, "in [0, 0.5): a departure from the paper (fmvae.core.prior."
+                            "FactorialMixturePrior.revive): over the first half of the phase, components of SVI "
+                            "factors holding less than this share of the data are re-seeded; 0: off")
 
 
 @dataclass(frozen=True)
@@ -337,6 +340,9 @@ def _cross_checks(full: dict, given: dict) -> list[str]:
     if levers and full["sweep.pack"] > 1:
         errors.append("semi.swap_weight / semi.adversary_weight: trials packed into one vectorised model "
                       "(sweep.pack > 1) do not run them; set sweep.pack: 1")
+    if full["joint.revive"] > 0 and full["sweep.pack"] > 1:
+        errors.append("joint.revive: trials packed into one vectorised model (sweep.pack > 1) do not run it; "
+                      "set sweep.pack: 1")
     if full["semi.balance"]:
         if full["semi.fraction"] == 0:
             errors.append("semi.balance: balances the labelled points' classes; it needs semi.fraction > 0")

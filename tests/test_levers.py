@@ -1,6 +1,7 @@
 """The levers on named factors (issue 34), each a setting off by default: with it off training is unchanged
 (tests/test_golden.py: bit for bit), with it on it changes what it names and nothing else, where it cannot
 apply it is refused before any work, and it keys checkpoints (the TrainConfig) and sweep trials (`semi`)."""
+import copy
 import dataclasses
 import math
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from fmvae import provenance
+from fmvae.core.distributions.normal_gamma import mean_from_natural, natural_from_mean
 from fmvae.core.levers import Adversary, read_back, swap_consistency
 from fmvae.core.loop import Batcher, TrainData, balanced_weights
 from fmvae.core.model import FMVAE
@@ -411,3 +413,81 @@ def test_hflip_is_refused_where_it_cannot_apply_and_keys_the_phases():
         prints = {provenance.fingerprint(train_config(validate({"data": {"name": "celeba"}, "train": {"hflip": v}}),
                                                       phase).__dict__) for v in (False, True)}
         assert len(prints) == 2, phase
+
+
+def test_revive_reseeds_the_dead_components_only():
+    """FactorialMixturePrior.revive on a known case: factor 0 fitted to three clusters with its fourth
+    component empty, factor 1 a gradient factor with an empty one too. The empty SVI component becomes the
+    posterior of n = share * N points at the batch point the live components explain worst (the outlier),
+    with the precision of the most populated component; every other number of q(xi) is unchanged to the bit."""
+    from fmvae.core.prior import FactorialMixturePrior
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+    assign = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)
+    mu = torch.stack((centres[assign] + 0.3 * torch.randn(1000, 2), torch.randn(1000, 2)), 1)  # (B, I, D)
+    var = torch.full_like(mu, 0.01)
+    prior = FactorialMixturePrior([4, 4], 2)
+    prior.init_from_assignments(mu, var, torch.stack((assign, assign.clamp(max=1)), 1), n_total=1000)
+    prior.use_gradient_factors([1])
+    before = (prior.lam.clone(), prior.c.clone())
+    batch = torch.cat((mu[:63], torch.tensor([[[9.0, 9.0], [0.0, 0.0]]])))  # an outlier at (9, 9)
+    ell = prior.local_step(batch, torch.full_like(batch, 0.01)).ell
+    revived = prior.revive(batch, ell, min_share=0.02, n_total=1000)
+    assert revived.tolist() == [1, 0]
+    m, s, a, b = (t[0, 3] for t in prior.mean_params()[:4])
+    assert torch.equal(m, batch[-1, 0].double())
+    big = prior.mean_params()
+    assert torch.allclose(a / b, big[2][0, 0] / big[3][0, 0])  # the precision of component 0 (500 points)
+    assert torch.allclose(s, torch.full_like(s, 1.0 + 20.0)) and prior.c[0, 3].item() == 1.0 + 20.0
+    keep = torch.ones_like(prior.lam, dtype=torch.bool)
+    keep[:, 0, 3] = False
+    assert torch.equal(prior.lam[keep], before[0][keep]) and torch.equal(prior.c[1], before[1][1])
+    assert torch.equal(prior.c[0, :3], before[1][0, :3])
+    assert prior.revive(batch, prior.local_step(batch, torch.full_like(batch, 0.01)).ell, 0.02, 1000).sum() == 0
+
+
+def test_revive_brings_an_emptied_component_back_and_changes_nothing_else(initialised):
+    """joint.revive in the joint phase, unlabelled: on the initialised model (three clusters per factor,
+    all used) it finds nothing to re-seed and training is the plain run's to the bit (the check's encoder
+    pass draws nothing); with one component emptied and moved far away, the plain run leaves it empty and
+    the revived run gives it data back."""
+    unlabelled = TrainData(X, lambda t: t, None)
+    cfg = dataclasses.replace(BASE, iters=300, delta=0.0)
+
+    def run(state, **settings):
+        model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
+        model.load_state_dict(state)
+        history = joint_train(model, unlabelled, dataclasses.replace(cfg, **settings))
+        return model, history
+
+    healthy_plain, plain_history = run(copy.deepcopy(initialised))
+    healthy, history = run(copy.deepcopy(initialised), revive=0.02)
+    assert [{k: v for k, v in row.items() if k != "revived"} for row in history] == plain_history
+    assert all(row["revived"] == 0 for row in history)
+    assert torch.equal(healthy.prior.lam, healthy_plain.prior.lam)
+
+    emptied = copy.deepcopy(initialised)
+    lam = emptied["prior.lam"]
+    m, s, a, b = (t.clone() for t in mean_from_natural(lam))
+    m[1, 2] = 50.0
+    emptied["prior.lam"] = natural_from_mean(m, s, a, b)
+    emptied["prior.c"][1, 2] = 1.0
+    plain, _ = run(emptied)
+    revived, history = run(emptied, revive=0.02)
+    share = lambda model: (model.prior.c[1, 2] - 1.0).item() / len(X)
+    assert share(plain) < 0.005 and sum(row["revived"] for row in history) > 0
+    assert share(revived) > 0.15, share(revived)  # measured: 0.23 at step 300 (0 without), rising to 1/3
+
+
+def test_revive_is_refused_where_it_cannot_apply_and_keys_the_joint_checkpoints():
+    with pytest.raises(ParamError, match="joint.revive"):
+        validate({"joint": {"revive": 0.5}})
+    with pytest.raises(ParamError, match="joint.revive: trials packed"):
+        validate({"joint": {"revive": 0.02}, "sweep": {"pack": 4}})
+    model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
+    with pytest.raises(ValueError, match="joint.revive re-seeds components of factors trained by SVI"):
+        joint_train(model, DATA, dataclasses.replace(BASE, revive=0.02), gradient_factors=[0, 1])
+    keyed = {provenance.fingerprint(train_config(validate({"joint": {"revive": r}}), "joint").__dict__)
+             for r in (0.0, 0.02, 0.05)}
+    assert len(keyed) == 3
+    assert train_config(validate({"joint": {"revive": 0.02}}), "pretrain") == train_config(validate({}), "pretrain")

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
@@ -18,6 +19,11 @@ from fmvae.io import CheckpointDir
 from fmvae.params import ORDERS, PHASE_SECTIONS, TrainConfig
 from fmvae.core.loop import (Batcher, TrainData, WeightAverage, as_weight, autocast, balanced_weights, compiled,
                    gradient_norm, make_optimizer, ramp, run_loop, set_lr, skip_batch)
+
+log = logging.getLogger(__name__)
+# joint.revive looks for dead components every this many steps: often enough to catch one within a few
+# hundred steps of its emptying, rarely enough that the extra encoder pass costs under 1% of the phase
+REVIVE_EVERY = 100
 
 
 def _average(params, cfg: TrainConfig) -> WeightAverage | None:
@@ -192,6 +198,8 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params, named=
     if levers and (members or not named):
         raise ValueError("semi.swap_weight and semi.adversary_weight act on named factors of one model: they "
                          "need labels (semi.delta > 0, semi.fraction > 0) and no pack (sweep.pack = 1)")
+    if cfg.revive > 0 and members:
+        raise ValueError("joint.revive: trials packed into one vectorised model (sweep.pack > 1) do not run it")
     if cfg.adversary_weight > 0 and adversary is None:
         raise ValueError("semi.adversary_weight > 0: joint_step needs the adversary's classifiers")
 
@@ -290,9 +298,7 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params, named=
 
     if cfg.order not in ORDERS:
         raise ValueError(f"joint.order: {cfg.order!r}, choose one of {', '.join(ORDERS)}")
-    step_fn = {"paper": paper, "reuse": reuse, "fused": fused}[cfg.order]
-    if cfg.delta_until >= 1:
-        return step_fn
+    plain = {"paper": paper, "reuse": reuse, "fused": fused}[cfg.order]
 
     def releasing(step, x, labels):
         """At the switch (a host-side change of what the step trains: joint_train runs it eagerly) the
@@ -300,9 +306,28 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params, named=
         if step == switch and prior.has_gradient_factors:
             prior.sync_gradient_factors()
             prior.use_gradient_factors([])
-        return step_fn(step, x, labels)
+        return plain(step, x, labels)
 
-    return releasing
+    inner = releasing if cfg.delta_until < 1 else plain
+
+    def reviving(step, x, labels):
+        """joint.revive: after every REVIVE_EVERY-th step of the phase's first half (Adam's step size is
+        still constant under the default joint.lr_decay), SVI factors' components that q(pi) credits with
+        less than that share of the data are re-seeded on the batch (FactorialMixturePrior.revive); an
+        encoder pass without gradient, no random draw, eager (joint_train)."""
+        out = inner(step, x, labels)
+        revived = torch.zeros((), device=x.device)
+        if out is not None and (step + 1) % REVIVE_EVERY == 0 and step + 1 <= cfg.iters // 2:
+            with torch.no_grad(), autocast(x, cfg):
+                mu, logvar = model.encode(x)
+                ell = prior.local_step(mu, logvar.exp()).ell
+            counts = prior.revive(mu.float(), ell.float(), cfg.revive, n_total)
+            if counts.any():
+                log.info("joint step %d: re-seeded components per factor %s", step + 1, counts.tolist())
+            revived = counts.sum().to(revived.dtype)
+        return None if out is None else out | {"revived": revived}
+
+    return reviving if cfg.revive > 0 else inner
 
 
 def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: CheckpointDir | None = None,
@@ -326,8 +351,11 @@ def joint_train(model: FMVAE, data: TrainData, cfg: TrainConfig, ckpt: Checkpoin
     if (cfg.delta_until < 1 or cfg.average_factors) and not prior.has_gradient_factors:
         raise ValueError("semi.delta_until < 1 and semi.average_factors act on labelled factors trained by "
                          "gradient: they need semi.delta > 0 and labels (semi.fraction > 0)")
-    if cfg.delta_until < 1:  # the switch changes what the step trains: eager steps (a CUDA graph is captured once)
-        cfg = dataclasses.replace(cfg, cuda_graph=False)
+    if cfg.revive > 0 and prior.gradient_factors.all():
+        raise ValueError("joint.revive re-seeds components of factors trained by SVI; every factor here is "
+                         "labelled and trained by gradient (semi.delta > 0)")
+    if cfg.delta_until < 1 or cfg.revive > 0:  # host-side changes of q(xi) or of what the step trains: eager
+        cfg = dataclasses.replace(cfg, cuda_graph=False)  # steps (a CUDA graph is captured once)
     params = model.network_parameters() + (prior.gradient_parameters() if prior.has_gradient_factors else [])
     adversary = None
     if cfg.adversary_weight > 0:  # trained with the networks; checkpointed (resume), not part of the model

@@ -261,6 +261,40 @@ class FactorialMixturePrior(nn.Module):
         self.svi_steps += 1
 
     @torch.no_grad()
+    def revive(self, mu: Tensor, ell: Tensor, min_share: float, n_total: float) -> Tensor:
+        """Dead-component restart (joint.revive, a departure from the paper). In every SVI factor, each real
+        component whose q(pi) count c_ik - c0 has fallen below n = min_share * n_total becomes the conjugate
+        posterior of n points at one of the batch's encodings that the factor's other components explain
+        worst (lowest max_k ell_ik), with the precision E[alpha] of the factor's most populated component,
+        and c_ik = c0 + n. The other components are left as they are, to the bit.
+
+        mu: (B, I, D) encoder means; ell: (B, I, K) their expected log-likelihoods (6). Returns (I,) long:
+        the components re-seeded in each factor.
+        """
+        h, n = self.hyper, float(min_share) * float(n_total)
+        count = self.c - h.c0
+        dead = self.mask & (count < n) & ~self.gradient_factors[:, None]
+        revived = dead.sum(-1)
+        m, s, a, b = ng.mean_from_natural(self.lam)
+        for i in dead.any(-1).nonzero().flatten().tolist():
+            live = self.mask[i] & ~dead[i]
+            ks = dead[i].nonzero().flatten()[: mu.shape[0]]
+            if not live.any():  # nothing to compare with or to take a spread from
+                revived[i] = 0
+                continue
+            fit = ell[:, i].masked_fill(~live, float("-inf")).amax(-1)
+            worst = fit.argsort()[: len(ks)]
+            donor = count[i].masked_fill(~self.mask[i], float("-inf")).argmax()
+            precision = a[i, donor] / b[i, donor]  # (D,)
+            a_new = torch.full_like(precision, h.a0 + n / 2)
+            fresh = ng.natural_from_mean(mu[worst, i].to(m.dtype), torch.full_like(a_new, h.s0 + n).expand(len(ks), -1),
+                                         a_new.expand(len(ks), -1), (a_new / precision).expand(len(ks), -1))
+            self.lam[:, i, ks] = fresh
+            self.c[i, ks] = h.c0 + n
+            revived[i] = len(ks)
+        return revived
+
+    @torch.no_grad()
     def init_from_assignments(self, mu: Tensor, var: Tensor, assignments: Tensor, n_total: float) -> None:
         """Set q(xi) to the conjugate posterior of a hard clustering (the batch optimum (13)
         with rho = 1). assignments: (M, I) long component indices."""
