@@ -1,7 +1,8 @@
 """Which committed runs ran on HEAD's training code, and how to rerun the others.
 
-    python stages/status.py            # list every committed run whose code is not HEAD's, with the
-                                       # commands that rerun it and rewrite its table (exit 0)
+    python stages/status.py            # list every committed run whose code is not HEAD's, table by
+                                       # table: the command that reruns each, then the one that
+                                       # rebuilds the table (exit 0)
     python stages/status.py --write    # refresh the `code` column of every table that lists runs
     python stages/status.py --assign   # a run that names no usable commit: point it at the newest
                                        # ancestor whose sources match its dvc.lock (provenance.json)
@@ -80,21 +81,23 @@ def table_command(table: runs.RunTable, df: pd.DataFrame) -> str:
 
 
 def stale() -> list[str]:
-    """A line per run whose code is not HEAD's: table, run, its commit, the commands that rerun it."""
+    """Per table whose runs are not all on HEAD's code: a heading, a line per such run (its commit and the
+    command that trains it again) and the one command that rebuilds the table afterwards."""
     lines = []
     for table in runs.run_tables():
         df = read(table)
-        seen = set()
-        for value in df[table.key]:
-            name = table.run_name(value)
-            if name is None or name in seen:
-                continue
-            seen.add(name)
-            code = runs.run_code(*table.files(name))
-            if not code.is_head:
-                rerun = experiment_command(table, name)
-                rerun += "" if table.kind == "sweep" else f" && {table_command(table, df)}"
-                lines.append(f"reports/{table.stem}: {name} ran on code {code.label}; rerun: {rerun}")
+        names = [n for n in dict.fromkeys(table.run_name(v) for v in df[table.key]) if n is not None]
+        old = [(name, code.label) for name in names if not (code := runs.run_code(*table.files(name))).is_head]
+        if not old:
+            continue
+        if table.kind == "sweep":
+            lines += [f"reports/{table.stem}: {len(old)} of {len(names)} runs on older code "
+                      f"({', '.join(sorted({label for _, label in old}))}); rerun: dvc repro sweep/dvc.yaml"]
+            continue
+        lines.append(f"reports/{table.stem}: {len(old)} of {len(names)} runs on older code; rerun each, "
+                     "then rebuild the table:")
+        lines += [f"  {name} (code {label}): {experiment_command(table, name)}" for name, label in old]
+        lines.append(f"  then: {table_command(table, df)}")
     return lines
 
 

@@ -136,13 +136,15 @@ def test_a_training_commit_leaves_the_runs_valid_stale_and_named(tmp_path):
         for value in read(table)[table.key]:
             name = table.run_name(value)
             if name is not None:
-                assert f"reports/{table.stem}: {name} ran on code {label_there(*table.files(name))}; rerun: " \
-                    in listed.stdout, \
-                    (name, listed.stdout)
+                line = f"  {name} (code {label_there(*table.files(name))}): " if table.kind != "sweep" else \
+                    f"reports/{table.stem}: "
+                assert line in listed.stdout, (name, listed.stdout)
+    sections = listed.stdout.split("\nreports/")
     seeds = read(runs.CELEBA_TABLE).dropna(subset=["seed"])
     first, second = seeds.loc[seeds["seed"] == 0, "run"].iloc[0], seeds.loc[seeds["seed"] == 1, "run"].iloc[0]
-    assert f"python stages/preset.py celeba_cpu -n {second} -S seed=1 && python stages/celeba_table.py" \
-        in listed.stdout  # the preset's seed 1 differs from the preset in its seed alone
+    (celeba,) = [s for s in sections if s.startswith(("celeba_table:", "reports/celeba_table:"))]
+    assert f"python stages/preset.py celeba_cpu -n {second} -S seed=1\n" in celeba  # differs in its seed alone
+    assert f"  then: python stages/celeba_table.py {first} {second}" in celeba
     written = run_in(clone, *STATUS, "--write")
     assert written.returncode == 0, written.stderr
     fresh = run_in(clone, *pytest_in_clone, "tests/test_runs.py", "-k", "code_column")
