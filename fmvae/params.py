@@ -123,6 +123,9 @@ class Joint:
     revive: float = setting(0.0, lambda v: 0 <= v < 0.5, "in [0, 0.5): a departure from the paper (fmvae.core.prior."
                             "FactorialMixturePrior.revive): over the first half of the phase, components of SVI "
                             "factors holding less than this share of the data are re-seeded; 0: off")
+    usage_weight: float = setting(0.0, _nonneg, ">= 0: a departure from the paper (fmvae.core.levers.usage_entropy): "
+                                  "the weight of the reward for the spread of each unlabelled factor's components "
+                                  "over the batch; 1 cancels the bound's charge for it; 0: off")
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,11 @@ def _cross_checks(full: dict, given: dict) -> list[str]:
     if full["joint.revive"] > 0 and full["sweep.pack"] > 1:
         errors.append("joint.revive: trials packed into one vectorised model (sweep.pack > 1) do not run it; "
                       "set sweep.pack: 1")
+    if full["joint.usage_weight"] > 0 and full["sweep.pack"] > 1:
+        errors.append("joint.usage_weight: trials packed into one vectorised model (sweep.pack > 1) do not run it; "
+                      "set sweep.pack: 1")
+    if full["joint.usage_weight"] > 0 and max(k if isinstance(k, list) else [k]) < 2:
+        errors.append("joint.usage_weight: rewards the spread of a factor's components; every factor has K = 1")
     if full["semi.balance"]:
         if full["semi.fraction"] == 0:
             errors.append("semi.balance: balances the labelled points' classes; it needs semi.fraction > 0")
@@ -394,7 +402,7 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
 
 def check_against_data(params: Params, ds: Dataset) -> None:
     """Errors that need the data: labels outside a factor's K, more properties than factors, balanced
-    batches of factors without labels."""
+    batches of factors without labels, a usage term without an unlabelled factor of K > 1."""
     if params.semi.fraction > 0 and ds.y_train is not None:
         ks = params.model.Ks
         if len(ds.property_K) > len(ks):
@@ -403,6 +411,12 @@ def check_against_data(params: Params, ds: Dataset) -> None:
         for p, (name, kp) in enumerate(zip(ds.property_names, ds.property_K)):
             if kp > ks[p]:
                 raise ParamError(f"model.K: property {name!r} has {kp} values but factor {p} has K = {ks[p]}")
+    if params.joint.usage_weight > 0:
+        named = len(ds.property_K) if params.semi.delta > 0 and params.semi.fraction > 0 and ds.y_train is not None else 0
+        if all(k < 2 for k in params.model.Ks[named:]):
+            raise ParamError(f"joint.usage_weight: rewards the spread of the unlabelled factors' components; factors "
+                             f"{named}.. of K = {list(params.model.Ks)} ({named} named by {ds.name}'s labels) have "
+                             "none with K > 1")
     if params.semi.balance:
         if ds.y_train is None:
             raise ParamError(f"semi.balance: balances labelled classes; {ds.name} has no labels")

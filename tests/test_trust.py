@@ -404,10 +404,10 @@ def test_typed_params_keep_the_fingerprints_the_plain_dicts_had():
     """A fingerprint takes typed params (and a phase's TrainConfig) as the plain dict of their values, so typing
     params re-keyed nothing: the default params' fingerprint is the one commit c4ace19 computed from its plain
     dict (a40aee002ead7f83; 26034826982e1851 since semi.balance was added; 76cc0ba250ad40ed since train.hflip; 2c365e673fbf5ce4
-    since joint.revive). Changing a default or adding a key re-keys every result on purpose: record the new
+    since joint.revive; 983d6a51059a9bb5 since joint.usage_weight). Changing a default or adding a key re-keys every result on purpose: record the new
     value here then, and say so in the commit."""
     import dataclasses
     params = validate({})
-    assert provenance.fingerprint(params) == provenance.fingerprint(params.to_dict()) == "2c365e673fbf5ce4"
+    assert provenance.fingerprint(params) == provenance.fingerprint(params.to_dict()) == "983d6a51059a9bb5"
     config = train_config(params, "joint")
     assert provenance.fingerprint("joint", config) == provenance.fingerprint("joint", dataclasses.asdict(config))

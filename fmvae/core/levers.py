@@ -1,6 +1,6 @@
-"""Two departures from the paper that make named factors control generation (issue 34, lever 3).
-Each is a named setting, off by default (weight 0), never in the paper presets; with both off the
-joint step is the paper's, bit for bit.
+"""Departures from the paper that make named factors control generation (issue 34, lever 3), and one
+that keeps the free factors' mixtures in use. Each is a named setting, off by default (weight 0), never
+in the paper presets; with all off the joint step is the paper's, bit for bit.
 
     swap consistency  (semi.swap_weight)   for every image of the batch, each named block is replaced
                       by a draw from a random component of its factor, the other blocks kept; the
@@ -16,6 +16,14 @@ joint step is the paper's, bit for bit.
                       weight w, to make its predictions uniform (as CSVAE, Klys et al. 2018, keeps
                       the other blocks free of the label), so the free blocks hold nothing the
                       classifier can use about the named property.
+    usage             (joint.usage_weight)  for each factor trained by SVI with K_i > 1 (the free ones),
+                      the entropy of its components' share of the batch, H(mean_b q(r_i | x_b)), is
+                      rewarded with weight w:  -w * sum_i H(...). Why: the bound's KL[r] averaged over
+                      the data is E_x KL(q(r_i|x) || pi_i) = I(x; r_i) + KL(mean_x q(r_i|x) || pi_i), and
+                      I(x; r_i) = H(shares) - E_x H(q(r_i|x)): the bound charges H(shares) for spreading
+                      the data over more components, so nothing in it keeps a component in use that the
+                      encodings can do without. w = 1 cancels that charge; w > 1 rewards spreading
+                      (IMSAT, Hu et al. 2017). Only the encoder moves: q(xi) enters as fixed statistics.
 
 Why: the diagnostics of the composition proxy (reports/diagnostics/mnist_compose_klz1.md) found the
 decoder reading a quarter of the digit from the free block (which a linear probe reads at 0.50) and
@@ -23,6 +31,7 @@ a clamped digit drawn in 45% of samples: clamping the named block did not decide
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -110,3 +119,15 @@ def swap_consistency(model, mu: Tensor, logvar: Tensor, named: Sequence[int], st
     moved = torch.stack(blocks, dim=1).flatten(1)
     logits = read_back(model, model.decoder.mean(moved), stats)
     return sum(nn.functional.cross_entropy(logits[:, i, :prior.K[i]], k) for i, k in zip(named, targets))
+
+
+def usage_entropy(logits: Tensor, factors: Sequence[int], K: Sequence[int]) -> Tensor:
+    """sum over `factors` of H(mean_b softmax(logits_b,i)), the entropy of the batch's share of each
+    component, from the logits of q(r | x) (5), (B, I, K_max), differentiable. In log space: a component
+    whose share underflows to 0 has a finite gradient (0), not 0 * log 0's NaN."""
+    total = logits.new_zeros(())
+    for i in factors:
+        log_r = torch.log_softmax(logits[:, i, :K[i]], dim=-1)
+        log_share = torch.logsumexp(log_r, dim=0) - math.log(logits.shape[0])
+        total = total - (log_share.exp() * log_share).sum()
+    return total

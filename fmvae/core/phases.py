@@ -12,7 +12,7 @@ import logging
 import torch
 
 from fmvae.core.clustering import factorial_kmeans
-from fmvae.core.levers import Adversary, swap_consistency
+from fmvae.core.levers import Adversary, swap_consistency, usage_entropy
 from fmvae.core.model import FMVAE
 from fmvae.core.prior import robbins_monro
 from fmvae.io import CheckpointDir
@@ -182,7 +182,8 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params, named=
               reproduce the comparison in docs/implementation.md.
     The Adam step includes the cross-entropy (8) and, for gradient factors, their prior
     parameters; with cfg.swap_weight / cfg.adversary_weight > 0 also the terms of fmvae.core.levers
-    on the `named` factors (the adversary's classifiers, `adversary`, are in `params`). The differentiable part (encode, bound, loss) is `forward`, which
+    on the `named` factors (the adversary's classifiers, `adversary`, are in `params`), with
+    cfg.usage_weight > 0 its usage term on the other factors with K > 1. The differentiable part (encode, bound, loss) is `forward`, which
     cfg.compile sends through torch.compile; q(xi)'s statistics enter it as inputs.
     """
     prior = model.prior
@@ -202,6 +203,10 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params, named=
         raise ValueError("joint.revive: trials packed into one vectorised model (sweep.pack > 1) do not run it")
     if cfg.adversary_weight > 0 and adversary is None:
         raise ValueError("semi.adversary_weight > 0: joint_step needs the adversary's classifiers")
+    free = [i for i in range(prior.I) if i not in named and prior.K[i] > 1]  # joint.usage_weight's factors
+    if cfg.usage_weight > 0 and (members or not free):
+        raise ValueError("joint.usage_weight rewards the spread of the free factors' components: it needs a factor "
+                         "trained by SVI with K > 1 (unlabelled) and no pack (sweep.pack = 1)")
 
     def lever_terms(mu, logvar, stats, gamma):
         """fmvae.core.levers' terms (loss, logged values); nothing, and no random draw, when both are off."""
@@ -225,6 +230,9 @@ def joint_step(model: FMVAE, opt, cfg: TrainConfig, n_total: int, params, named=
             with autocast(x, cfg):
                 extra, logged = lever_terms(mu, logvar, stats, terms.step.gamma)
             loss = loss + extra
+        if cfg.usage_weight > 0:  # fmvae.core.levers.usage_entropy; no random draw
+            logged["usage_entropy"] = usage_entropy(terms.step.logits, free, prior.K)
+            loss = loss - cfg.usage_weight * logged["usage_entropy"]
         return loss, terms.recon, kl_z, kl_r, terms.ce, terms.step.gamma, logged
 
     def encode_and_loss(x, labels, stats, w, delta):
