@@ -10,7 +10,7 @@ import torch
 
 from fmvae import provenance
 from fmvae.core.distributions.normal_gamma import mean_from_natural, natural_from_mean
-from fmvae.core.levers import Adversary, read_back, swap_consistency
+from fmvae.core.levers import Adversary, read_back, swap_consistency, usage_entropy
 from fmvae.core.loop import Batcher, TrainData, balanced_weights
 from fmvae.core.model import FMVAE
 from fmvae.core.phases import init_prior, joint_train, pretrain
@@ -491,3 +491,89 @@ def test_revive_is_refused_where_it_cannot_apply_and_keys_the_joint_checkpoints(
              for r in (0.0, 0.02, 0.05)}
     assert len(keyed) == 3
     assert train_config(validate({"joint": {"revive": 0.02}}), "pretrain") == train_config(validate({}), "pretrain")
+
+
+# ----------------------------------------------------------------- the free factors' usage (joint.usage_weight)
+def test_usage_entropy_is_the_entropy_of_the_batch_shares_with_finite_gradients():
+    """Against the closed form -sum_k p_k log p_k of p = mean_b softmax(logits_b, i) over each listed factor's
+    own K_i components (padding ignored); a component whose share underflows to 0 adds 0 and a finite gradient."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 3, 4, generator=g, dtype=torch.float64) * 3
+    K = [4, 3, 2]
+
+    def closed_form(i):
+        p = torch.softmax(logits[:, i, :K[i]], -1).mean(0)
+        return -(p * p.log()).sum()
+
+    assert torch.allclose(usage_entropy(logits, [1, 2], K), closed_form(1) + closed_form(2), rtol=1e-12)
+    assert torch.allclose(usage_entropy(logits, [0], K), closed_form(0), rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: usage_entropy(t, [0, 1], K), logits[:6].clone().requires_grad_())
+    dead = logits.clone().float()
+    dead[:, 0, 3] = -1e4  # its softmax underflows to exactly 0 in float32
+    dead.requires_grad_()
+    h = usage_entropy(dead, [0], K)
+    h.backward()
+    p = torch.softmax(dead[:, 0, :3].detach(), -1).mean(0)
+    assert torch.allclose(h, -(p * p.log()).sum()) and torch.isfinite(dead.grad).all()
+    assert dead.grad[:, 0, 3].abs().max() == 0
+
+
+def test_usage_weight_spreads_the_free_factor_s_components_and_only_when_set():
+    """Unlabelled, with six components for three clusters of block 1 (its encodings split between
+    components, so its assignments are soft): the plain run is unchanged by the setting's existence (no
+    usage column, the same model bit for bit as with the key at 0), and the rewarded run spreads block 1's
+    test shares, measured: entropy 1.72 plain -> 1.76 at weight 10 (log 6 = 1.79), smallest share 0.107 -> 0.116."""
+    unlabelled = TrainData(X, lambda t: t, None)
+    K = [3, 6]
+    torch.manual_seed(0)
+    model = FMVAE("mlp", (X.shape[1],), K, 2)
+    pretrain(model, unlabelled, dataclasses.replace(BASE, iters=100, kl_anneal_iters=30))
+    init_prior(model, unlabelled, dataclasses.replace(BASE, iters=20, init_points=1000, restarts=2))
+    state = model.state_dict()
+    cfg = dataclasses.replace(BASE, iters=600, delta=0.0, kl_z_weight=1.0, kl_z_anneal_iters=0)
+
+    def run(**settings):
+        trained = FMVAE("mlp", (X.shape[1],), K, 2)
+        trained.load_state_dict(copy.deepcopy(state))
+        history = joint_train(trained, unlabelled, dataclasses.replace(cfg, **settings))
+        with torch.no_grad():
+            mu, logvar = trained.encode(X)
+            shares = trained.prior.local_step(mu, logvar.exp()).gamma[:, 1].mean(0)
+        return trained, history, shares
+
+    plain, plain_history, plain_shares = run()
+    _, history, shares = run(usage_weight=10.0)
+    assert "usage_entropy" not in plain_history[-1] and "usage_entropy" in history[-1]
+    entropy = lambda p: -(p * p.log()).sum().item()
+    assert entropy(shares) > entropy(plain_shares) + 0.03, (entropy(plain_shares), entropy(shares))
+    assert shares.min() > plain_shares.min()
+    # the reward reaches the encoder only: q(xi) moves by SVI from the encodings, so the prior differs too,
+    # but a weight of 0 is the plain run to the bit
+    zero, zero_history, _ = run(usage_weight=0.0)
+    assert zero_history == plain_history and torch.equal(zero.prior.lam, plain.prior.lam)
+
+
+def test_usage_weight_is_refused_where_it_cannot_apply_and_keys_the_joint_checkpoints(initialised):
+    for given, message in (({"joint": {"usage_weight": -1.0}}, "joint.usage_weight"),
+                           ({"joint": {"usage_weight": 1.0}, "sweep": {"pack": 4}}, "joint.usage_weight: trials packed"),
+                           ({"joint": {"usage_weight": 1.0}, "model": {"I": 2, "K": 1}}, "every factor has K = 1")):
+        with pytest.raises(ParamError, match=message):
+            validate(given)
+
+    class OneProperty:  # what check_against_data reads of a data set: MNIST's digit names factor 0
+        name, y_train, property_names, property_K = "mnist", torch.zeros(4, 1), ["digit"], [10]
+
+    labelled = {"semi": {"delta": 300.0, "fraction": 0.1}, "joint": {"usage_weight": 1.0}}
+    check_against_data(validate(labelled | {"model": {"I": 2, "K": [10, 10]}}), OneProperty())
+    with pytest.raises(ParamError, match=r"factors 1.. of K = \[10, 1\] \(1 named by mnist's labels\) have none"):
+        check_against_data(validate(labelled | {"model": {"I": 2, "K": [10, 1]}}), OneProperty())
+    # without labels nothing is named: factor 0's ten components are free
+    check_against_data(validate({"joint": {"usage_weight": 1.0}, "model": {"I": 2, "K": [10, 1]}}), OneProperty())
+    model = FMVAE("mlp", (X.shape[1],), [3, 3], 2)
+    model.load_state_dict(initialised)
+    with pytest.raises(ValueError, match="joint.usage_weight rewards the spread of the free factors' components"):
+        joint_train(model, DATA, dataclasses.replace(BASE, usage_weight=1.0), gradient_factors=[0, 1])
+    keyed = {provenance.fingerprint(train_config(validate({"joint": {"usage_weight": w}}), "joint").__dict__)
+             for w in (0.0, 1.0, 3.0)}
+    assert len(keyed) == 3
+    assert train_config(validate({"joint": {"usage_weight": 1.0}}), "pretrain") == train_config(validate({}), "pretrain")
