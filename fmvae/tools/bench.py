@@ -133,7 +133,7 @@ def bench_training(model: str, K, args, device, mode: str = "eager", bf16: bool 
 
 
 LEVERS = {"off": {}, "swap": {"swap_weight": 10.0}, "adversary": {"adversary_weight": 10.0},
-          "swap+adversary": {"swap_weight": 10.0, "adversary_weight": 10.0}}
+          "swap+adversary": {"swap_weight": 10.0, "adversary_weight": 10.0}, "usage": {"usage_weight": 1.0}}
 
 
 def bench_levers(args, device) -> list[dict]:
