@@ -37,6 +37,15 @@ class PackedPrior:
     has_gradient_factors = False
 
     @property
+    def I(self) -> int:
+        return self.pack.I  # the members share it (PackedModel refuses others)
+
+    @property
+    def K(self) -> list[int]:
+        """Per factor, the padded width every member's arrays have here (the largest K of any member)."""
+        return [self.pack.k_max] * self.pack.I
+
+    @property
     def svi_steps(self) -> Tensor:
         return self.pack.buffers["model.prior.svi_steps"]
 
